@@ -1,0 +1,32 @@
+"""clover2_hf: Clover-2 speculative-decoding drafters for Hugging Face transformers.
+
+Importing the package registers `Clover2Config` / `Clover2ForDrafting` with `AutoConfig` /
+`AutoModel`, so `AutoModel.from_pretrained(<clover2 checkpoint>)` works without
+`trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_clover2 import SUPPORTED_TARGET_TYPES, Clover2Config
+from .modeling_clover2 import Clover2ForDrafting, Clover2Output
+
+__version__ = "0.1.0"
+
+AutoConfig.register(Clover2Config.model_type, Clover2Config, exist_ok=True)
+AutoModel.register(Clover2Config, Clover2ForDrafting, exist_ok=True)
+
+
+def load_default_target(**kwargs):
+    """Load the embedded default target (SmolLM2-135M-Instruct); see `clover2_hf.embedded`."""
+    from .embedded import load_default_target as _load
+
+    return _load(**kwargs)
+
+
+__all__ = [
+    "Clover2Config",
+    "Clover2ForDrafting",
+    "Clover2Output",
+    "SUPPORTED_TARGET_TYPES",
+    "load_default_target",
+]

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random targets of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import clover2_hf  # noqa: F401  (registers the Auto classes)
+
+TINY_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2")
+
+
+def tiny_target_config(arch: str, vocab_size: int = 160, hidden_size: int = 64, **overrides):
+    """A 2-layer target config of `arch`; sliding windows are small so that tests cross them."""
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    if arch in ("mistral", "gemma2"):
+        values["sliding_window"] = 8
+    values.update(overrides)
+    return AutoConfig.for_model(arch, **values)
+
+
+def make_tiny_target(arch: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    attn = "eager" if arch == "gemma2" else "sdpa"  # Gemma-2 has no sdpa path in transformers
+    model = AutoModelForCausalLM.from_config(tiny_target_config(arch, **overrides), attn_implementation=attn)
+    return model.eval()
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def arch(request) -> str:
+    return request.param
