@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_clover2 import SUPPORTED_TARGET_TYPES, Clover2Config
 from .modeling_clover2 import Clover2ForDrafting, Clover2Output
+from .decoding import Clover2Stats  # installs the generate() hook
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "Clover2Config",
     "Clover2ForDrafting",
     "Clover2Output",
+    "Clover2Stats",
     "SUPPORTED_TARGET_TYPES",
     "load_default_target",
 ]

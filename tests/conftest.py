@@ -33,10 +33,15 @@ def tiny_target_config(arch: str, vocab_size: int = 160, hidden_size: int = 64, 
     return AutoConfig.for_model(arch, **values)
 
 
-def make_tiny_target(arch: str, seed: int = 0, **overrides):
+def make_tiny_target(arch: str, seed: int = 0, peaked: bool = False, **overrides):
+    """A tiny random target. `peaked=True` scales its output head so that next-token distributions
+    are confident, as a trained LM's are (a random model's are nearly uniform)."""
     torch.manual_seed(seed)
     attn = "eager" if arch == "gemma2" else "sdpa"  # Gemma-2 has no sdpa path in transformers
     model = AutoModelForCausalLM.from_config(tiny_target_config(arch, **overrides), attn_implementation=attn)
+    if peaked:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(25.0)
     return model.eval()
 
 
