@@ -222,16 +222,16 @@ def clover2_tree_decode(
         )
         stats.target_forwards += 1
         pending_hidden = capture.hidden  # [1, n, H] pre-norm states whose next token is known
-        next_logits = out.logits[:, -1].float()  # [1, V]
+        raw = out.logits[:, -1].float()  # [1, V]
+        processed = logits_processor(input_ids, raw.clone())
+        token = _choose(processed, do_sample)  # the target's own token: root of the first tree
         draft_cache = draft.new_cache()
         finished = False
         while True:
-            # ---- choose the next token at the current position (root of the next tree)
-            processed = logits_processor(input_ids, next_logits)
-            token = _choose(processed, do_sample)
+            # ---- emit the target's own token (prefill choice or the bonus token of the last pass)
             input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
             stats.new_tokens += 1
-            _record(scores, raw_logits, processed, next_logits, keep_scores, keep_logits)
+            _record(scores, raw_logits, processed, raw, keep_scores, keep_logits)
             if clover2_streamer is not None:
                 clover2_streamer.put(token.cpu())
             if bool(stopping_criteria(input_ids, processed).any()):
@@ -289,8 +289,7 @@ def clover2_tree_decode(
                 token = _choose(processed, do_sample)
                 child = children[node].get(int(token))
                 if child is None:
-                    next_logits = raw  # the bonus token is chosen at the top of the loop
-                    break
+                    break  # `token` is the bonus token, emitted at the top of the loop
                 input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
                 stats.new_tokens += 1
                 emitted += 1

@@ -141,15 +141,19 @@ def build_tree(
     )
     flat_ids = torch.cat([lvl[0] for lvl in levels])
     if wanted is None:
-        # sort by score desc, then depth asc (parents first on ties)
-        order = sorted(range(flat_scores.numel()), key=lambda i: (-float(flat_scores[i]), int(flat_depth[i])))
-        keep = sorted(order[:budget], key=lambda i: (int(flat_depth[i]), -float(flat_scores[i])))
+        # best `budget` nodes by score, parents first on ties (stable sorts: depth asc, then score desc)
+        by_depth = torch.sort(flat_depth, stable=True).indices
+        order = by_depth[torch.sort(flat_scores[by_depth], descending=True, stable=True).indices][:budget]
+        # verification order: by depth, then score (parents always precede their children)
+        order = order[torch.sort(-flat_scores[order], stable=True).indices]
+        keep = order[torch.sort(flat_depth[order], stable=True).indices].tolist()
     else:
         paths = [p for lvl_paths in _all_paths(levels, static_paths) for p in lvl_paths]
         keep = [i for i, p in enumerate(paths) if p in wanted]
     position = {node: v + 1 for v, node in enumerate(keep)}  # flat index -> verify index
+    parent_list = flat_parent.tolist()
     parents = torch.tensor(
-        [0 if int(flat_parent[i]) < 0 else position[int(flat_parent[i])] for i in keep], dtype=torch.long, device=device
+        [0 if parent_list[i] < 0 else position[parent_list[i]] for i in keep], dtype=torch.long, device=device
     )
     keep_t = torch.tensor(keep, dtype=torch.long, device=device)
     return DraftTree(

@@ -1,0 +1,332 @@
+"""Clover-2 decoding in generate(): token-identical greedy output, lossless sampling, cache compaction."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import make_tiny_target
+from drafters import train_on_own_outputs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from clover2_hf import Clover2ForDrafting, Clover2Stats
+from clover2_hf.tree import DraftTree, compact_cache, tree_attention_mask
+
+MODES = ("tree", "chain")
+LOSSLESS_ARCHS = ("llama", "qwen2", "mistral", "gemma2")
+
+
+@functools.cache
+def random_pair(arch: str):
+    target = make_tiny_target(arch)
+    return target, Clover2ForDrafting.from_target(target).eval()
+
+
+@functools.cache
+def trained_pair(arch: str):
+    """A confident target and a drafter fitted briefly to its greedy outputs on 24 prompts."""
+    target = make_tiny_target(arch, seed=1, peaked=True)
+    draft = train_on_own_outputs(target, steps=50, seqs=24, length=40, seed=0)
+    prompts = torch.randint(3, target.config.vocab_size, (24, 4), generator=torch.Generator().manual_seed(0))
+    return target, draft, prompts
+
+
+def _generate_both(target, draft, mode, ids, **kwargs):
+    draft.config.decoding = mode
+    expected = target.generate(ids, do_sample=False, **kwargs)
+    stats = Clover2Stats()
+    got = target.generate(ids, do_sample=False, assistant_model=draft, clover2_stats=stats, **kwargs)
+    return expected, got, stats
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", LOSSLESS_ARCHS + ("qwen3", "gemma"))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.lists(st.integers(3, 159), min_size=1, max_size=12),
+    max_new_tokens=st.integers(1, 24),
+    tree=st.sampled_from([("dynamic", 25, 10), ("dynamic", 6, 3), ("static", 25, 10)]),
+)
+def test_greedy_identical_random_drafter(arch, mode, prompt, max_new_tokens, tree):
+    target, draft = random_pair(arch)
+    draft.config.tree_type, draft.config.tree_budget, draft.config.tree_top_k = tree
+    ids = torch.tensor([prompt])
+    expected, got, stats = _generate_both(target, draft, mode, ids, max_new_tokens=max_new_tokens)
+    assert torch.equal(expected, got)
+    assert stats.new_tokens == got.shape[1] - ids.shape[1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", ("llama", "qwen2", "mistral"))
+def test_greedy_identical_trained_drafter_exercises_paths(arch, mode):
+    target, draft, prompts = trained_pair(arch)
+    draft.config.tree_type, draft.config.tree_budget, draft.config.tree_top_k = "dynamic", 25, 10
+    total = Clover2Stats()
+    for i, max_new in enumerate([40, 23, 31, 17, 40, 29, 36, 13]):
+        ids = prompts[i : i + 1]
+        expected, got, stats = _generate_both(target, draft, mode, ids, max_new_tokens=max_new)
+        assert torch.equal(expected, got), (i, expected, got)
+        total.tokens_per_step += stats.tokens_per_step
+        total.branch_switches += stats.branch_switches
+        total.stopped_in_path += stats.stopped_in_path
+        total.target_forwards += stats.target_forwards
+        total.new_tokens += stats.new_tokens
+    assert max(total.tokens_per_step) >= 4, "multi-token acceptance was not exercised"
+    assert total.tau > 2.0
+    assert total.target_forwards < total.new_tokens / 2
+    if mode == "tree":
+        assert total.branch_switches > 0, "no accepted node was a non-top child (branch switching)"
+        assert total.stopped_in_path > 0, "max_new_tokens never landed inside an accepted path"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eos_inside_accepted_path(mode):
+    target, draft, prompts = trained_pair("llama")
+    hits = 0
+    for i in range(6):
+        ids = prompts[i : i + 1]
+        plain = target.generate(ids, max_new_tokens=30, do_sample=False)[0, ids.shape[1]:]
+        eos = [int(plain[12]), int(plain[20])]  # several eos ids, which occur mid-answer
+        target.generation_config.eos_token_id = None
+        expected, got, stats = _generate_both(target, draft, mode, ids, max_new_tokens=30, eos_token_id=eos)
+        assert torch.equal(expected, got)
+        assert int(got[0, -1]) in eos and got.shape[1] < ids.shape[1] + 30
+        hits += stats.stopped_in_path
+    if mode == "tree":
+        assert hits > 0, "eos never fell inside an accepted path"
+
+
+class _StopAfterToken(StoppingCriteria):
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_logits_processors_and_custom_stopping_criteria_tree():
+    target, draft, prompts = trained_pair("qwen2")
+    for i in range(4):
+        ids = prompts[i : i + 1]
+        plain = target.generate(ids, max_new_tokens=25, do_sample=False)[0, ids.shape[1]:]
+        stop = StoppingCriteriaList([_StopAfterToken(int(plain[9]))])
+        kwargs = dict(max_new_tokens=25, repetition_penalty=1.3, stopping_criteria=stop)
+        expected, got, _ = _generate_both(target, draft, "tree", ids, **kwargs)
+        assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamer_and_return_dict(mode):
+    target, draft, prompts = trained_pair("llama")
+    draft.config.decoding = mode
+    ids = prompts[:1]
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    out = target.generate(ids, max_new_tokens=20, do_sample=False, assistant_model=draft, streamer=streamer,
+                          return_dict_in_generate=True, output_scores=True)
+    plain = target.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(out.sequences, plain.sequences)
+    assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
+    assert sum(streamer.chunks[1:], []) == plain.sequences[0, ids.shape[1]:].tolist()
+    assert len(out.scores) == len(plain.scores) == 20
+    for a, b in zip(out.scores, plain.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _exact_distribution(target, prompt, steps: int, temperature: float, top_k: int | None):
+    """Exact probability of every continuation of `steps` tokens under plain sampling (tiny vocab)."""
+    V = target.config.vocab_size
+    seqs = prompt.clone()  # [n, T]
+    probs = torch.ones(1)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = target(seqs).logits[:, -1].float() / temperature
+        if top_k is not None:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        p = torch.softmax(logits, dim=-1)  # [n, V]
+        probs = (probs[:, None] * p).reshape(-1)
+        seqs = torch.cat([seqs.repeat_interleave(V, dim=0), torch.arange(V).repeat(seqs.shape[0])[:, None]], dim=1)
+    return probs  # index = sum(tok_i * V^(steps-1-i))
+
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5  # pool the rare cells into one
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, None), (0.7, 4)])
+def test_sampling_matches_target_distribution(mode, temperature, top_k):
+    """Chi-square goodness of fit of 3-token continuations against the exact target distribution.
+
+    Fixed seed; each test's false-alarm rate is 1e-3 (p-value threshold) if the sampler is exact.
+    """
+    V = 6
+    target = make_tiny_target("llama", seed=3, vocab_size=V, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(12.0)  # confident enough that drafts get accepted
+    draft = Clover2ForDrafting.from_target(target, tree_top_k=2, tree_budget=6, num_draft_depths=3).eval()
+    draft.config.decoding = mode
+    prompt = torch.tensor([[1, 4, 2]])
+    probs = _exact_distribution(target, prompt, 3, temperature, top_k)
+    torch.manual_seed(1234)
+    counts = torch.zeros(V**3)
+    accepted = 0
+    for _ in range(1500):
+        stats = Clover2Stats()
+        out = target.generate(prompt, do_sample=True, max_new_tokens=3, temperature=temperature, top_k=top_k,
+                              top_p=None, assistant_model=draft, clover2_stats=stats)
+        a, b, c = out[0, 3:].tolist()
+        counts[a * V * V + b * V + c] += 1
+        accepted += sum(stats.accepted_depths)
+    assert accepted > 300, "drafts were rarely accepted: the test would not check the acceptance rule"
+    assert _chi_square_p_value(counts, probs) > 1e-3
+
+
+# ----------------------------------------------------------------------------- KV cache compaction
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_cache_compaction_matches_linear_recomputation(arch):
+    """After a tree pass + compaction, the next-step logits equal a plain linear run (sliding windows crossed)."""
+    target = make_tiny_target(arch)
+    prompt = torch.randint(3, 160, (1, 11), generator=torch.Generator().manual_seed(0))
+    # root token 7, nodes: 1:a(d1) 2:b(d1) 3:c(d2, parent 1) 4:d(d2, parent 2) 5:e(d3, parent 4)
+    tree = DraftTree(
+        root_token=7,
+        tokens=torch.tensor([11, 12, 13, 14, 15]),
+        parents=torch.tensor([0, 0, 1, 2, 4]),
+        depths=torch.tensor([1, 1, 2, 2, 3]),
+        scores=torch.zeros(5),
+    )
+    from transformers import DynamicCache
+
+    from clover2_hf.decoding import _target_mask_kwargs
+
+    cache = DynamicCache(config=target.config)
+    cache.activate_past_recording()
+    with torch.no_grad():
+        target(prompt, cache=cache, use_cache=True)
+        past = cache.get_seq_length()
+        mask = _target_mask_kwargs(target, cache, tree, past, target.dtype)
+        depths = torch.tensor([0, 1, 1, 2, 2, 3])
+        tree_out = target(tree.verify_tokens()[None], attention_mask=mask, position_ids=(past + depths)[None],
+                          cache=cache, use_cache=True).logits[0]
+        path = [0, 2, 4, 5]  # root -> b -> d -> e
+        linear_ids = torch.cat([prompt, torch.tensor([[7, 12, 14, 15]])], dim=1)
+        linear = target(linear_ids).logits[0]
+        # tree logits along the path equal the linear logits at those positions
+        torch.testing.assert_close(tree_out[path], linear[-4:], atol=1e-5, rtol=1e-5)
+        compact_cache(cache, 6, path)
+        assert cache.get_seq_length() == linear_ids.shape[1]
+        nxt = target(torch.tensor([[9]]), cache=cache, use_cache=True,
+                     position_ids=torch.tensor([[linear_ids.shape[1]]])).logits[0, -1]
+        ref = target(torch.cat([linear_ids, torch.tensor([[9]])], dim=1)).logits[0, -1]
+    torch.testing.assert_close(nxt, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tree_mask_is_additive_float():
+    tree = DraftTree(7, torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([1, 2]), torch.zeros(2))
+    mask = tree_attention_mask(tree, past_length=4, kv_length=7, kv_offset=0, dtype=torch.float32)
+    assert mask.dtype == torch.float32 and mask.shape == (1, 1, 3, 7)
+    blocked = mask[0, 0] != 0
+    assert blocked.tolist() == [
+        [False] * 4 + [False, True, True],
+        [False] * 4 + [False, False, True],
+        [False] * 4 + [False, False, False],
+    ]
+
+
+# ----------------------------------------------------------------------------- bad input & stock paths
+
+
+def test_batch_of_two_is_rejected():
+    target, draft = random_pair("llama")
+    with pytest.raises(ValueError, match="batch size 1"):
+        target.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=3, assistant_model=draft)
+
+
+def test_empty_prompt_is_rejected():
+    target, draft = random_pair("llama")
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        target.generate(torch.ones(1, 0, dtype=torch.long), max_new_tokens=3, assistant_model=draft)
+
+
+def test_vocabulary_mismatch_is_rejected():
+    _, draft = random_pair("llama")
+    other = make_tiny_target("llama", vocab_size=170)
+    with pytest.raises(ValueError, match="vocabulary 170"):
+        other.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, assistant_model=draft)
+    draft.attach_target(random_pair("llama")[0])
+
+
+def test_unsupported_options_are_rejected():
+    target, draft = random_pair("llama")
+    with pytest.raises(ValueError, match="num_beams"):
+        target.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, num_beams=2, assistant_model=draft)
+
+
+def test_unattached_loaded_drafter_attaches_to_the_generating_target(tmp_path):
+    from transformers import AutoModel
+
+    target, draft = random_pair("llama")
+    draft.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert not loaded.is_attached
+    ids = torch.tensor([[5, 6, 7]])
+    loaded.config.decoding = "tree"
+    assert torch.equal(target.generate(ids, max_new_tokens=8, do_sample=False, assistant_model=loaded),
+                       target.generate(ids, max_new_tokens=8, do_sample=False))
+    assert loaded.is_attached
+
+
+def test_other_assistants_behave_as_stock():
+    target, _ = random_pair("llama")
+    small = make_tiny_target("llama", seed=5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = target.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(target.generate(ids, max_new_tokens=10, do_sample=False, assistant_model=small), plain)
+    assert torch.equal(target.generate(ids, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3), plain)
+    with pytest.raises(ValueError, match="clover2_stats"):
+        target.generate(ids, max_new_tokens=2, clover2_stats=Clover2Stats())
+
+
+def test_tree_sampling_reproduces_plain_sampling_with_the_same_seed():
+    """The tree walk draws exactly one target sample per emitted token, in plain sampling's order."""
+    target, draft, prompts = trained_pair("llama")
+    draft.config.decoding = "tree"
+    for i in range(4):
+        ids = prompts[i : i + 1]
+        kwargs = dict(do_sample=True, max_new_tokens=30, temperature=0.8, top_k=20)
+        torch.manual_seed(i)
+        plain = target.generate(ids, **kwargs)
+        torch.manual_seed(i)
+        stats = Clover2Stats()
+        got = target.generate(ids, assistant_model=draft, clover2_stats=stats, **kwargs)
+        assert torch.equal(plain, got)
+        assert stats.target_forwards < stats.new_tokens
