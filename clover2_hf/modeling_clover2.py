@@ -484,14 +484,19 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
             lines += ["", extra_text]
         return ModelCard("\n".join(lines) + "\n")
 
-    def save_pretrained(self, save_directory, *args, training_command: str | None = None, **kwargs):
-        """`PreTrainedModel.save_pretrained` (safetensors only) plus a model card when none exists yet."""
+    def save_pretrained(
+        self, save_directory, *args, training_command: str | None = None, extra_text: str = "", **kwargs
+    ):
+        """`PreTrainedModel.save_pretrained` (safetensors only) plus a model card.
+
+        The card is (re)written when none exists yet or when `training_command` / `extra_text` is given.
+        """
         if kwargs.get("safe_serialization") is False:
             raise ValueError("Clover-2 checkpoints are saved as safetensors only")
         result = super().save_pretrained(save_directory, *args, **kwargs)
         card_path = os.path.join(save_directory, "README.md")
-        if kwargs.get("is_main_process", True) and (training_command or not os.path.exists(card_path)):
-            self.model_card(training_command).save(card_path)
+        if kwargs.get("is_main_process", True) and (training_command or extra_text or not os.path.exists(card_path)):
+            self.model_card(training_command, extra_text).save(card_path)
         return result
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,

