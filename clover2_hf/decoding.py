@@ -227,14 +227,23 @@ def clover2_tree_decode(
         token = _choose(processed, do_sample)  # the target's own token: root of the first tree
         draft_cache = draft.new_cache()
         finished = False
-        while True:
-            # ---- emit the target's own token (prefill choice or the bonus token of the last pass)
+
+        def emit(token: torch.Tensor, processed: torch.Tensor, raw: torch.Tensor) -> bool:
+            """Append one token as plain decoding would; True when a stopping criterion fires."""
+            nonlocal input_ids
             input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
             stats.new_tokens += 1
-            _record(scores, raw_logits, processed, raw, keep_scores, keep_logits)
+            if keep_scores:
+                scores.append(processed)
+            if keep_logits:
+                raw_logits.append(raw)
             if clover2_streamer is not None:
                 clover2_streamer.put(token.cpu())
-            if bool(stopping_criteria(input_ids, processed).any()):
+            return bool(stopping_criteria(input_ids, processed).any())
+
+        while True:
+            # ---- emit the target's own token (prefill choice or the bonus token of the last pass)
+            if emit(token, processed, raw):
                 break
 
             # ---- draft: feed verified positions to the augmenting block, then grow the tree
@@ -290,15 +299,10 @@ def clover2_tree_decode(
                 child = children[node].get(int(token))
                 if child is None:
                     break  # `token` is the bonus token, emitted at the top of the loop
-                input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
-                stats.new_tokens += 1
                 emitted += 1
-                _record(scores, raw_logits, processed, raw, keep_scores, keep_logits)
-                if clover2_streamer is not None:
-                    clover2_streamer.put(token.cpu())
                 if child != next(iter(children[node].values())):
                     stats.branch_switches += 1
-                if bool(stopping_criteria(input_ids, processed).any()):
+                if emit(token, processed, raw):
                     finished = True
                     stats.stopped_in_path += 1
                     break
@@ -334,13 +338,6 @@ def _choose(processed_logits: torch.Tensor, do_sample: bool) -> torch.Tensor:
         probs = torch.softmax(processed_logits, dim=-1)
         return torch.multinomial(probs, num_samples=1).squeeze(1)
     return torch.argmax(processed_logits, dim=-1)
-
-
-def _record(scores, raw_logits, processed, raw, keep_scores, keep_logits) -> None:
-    if keep_scores:
-        scores.append(processed)
-    if keep_logits:
-        raw_logits.append(raw)
 
 
 # --------------------------------------------------------------------------- chain mode
