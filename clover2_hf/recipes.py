@@ -9,7 +9,7 @@ import logging
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ class TrainRecipe:
     output_dir: str
     target: str | None = None
     data: str | None = None
+    features: str | None = None
     max_length: int = 1024
     max_conversations: int | None = None
     eval_fraction: float = 0.05
@@ -72,13 +73,23 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
     target, tokenizer = load_target(recipe.target, dtype=dtype)
     device = _local_device()
     target.to(device)
-    data = build_examples(
-        tokenizer,
-        recipe.data,
-        max_length=recipe.max_length,
-        eval_fraction=recipe.eval_fraction,
-        max_conversations=recipe.max_conversations,
-    )
+    if recipe.features:  # precomputed target features (`clover2 features`); checked against the target
+        from .features import FeatureCollator, open_feature_data
+
+        data = open_feature_data(recipe.features, target)
+        collator = FeatureCollator.from_tokenizer(tokenizer)
+        stored = data.train.manifest.get("info", {})  # the store's data replaces --data / --max-length
+        recipe = replace(recipe, data=stored.get("data", recipe.data),
+                         max_length=stored.get("max_length", recipe.max_length))
+    else:
+        data = build_examples(
+            tokenizer,
+            recipe.data,
+            max_length=recipe.max_length,
+            eval_fraction=recipe.eval_fraction,
+            max_conversations=recipe.max_conversations,
+        )
+        collator = ConversationCollator.from_tokenizer(tokenizer)
     logger.info("data: %s", data.summary)
     eval_set = data.eval[: recipe.max_eval_examples]
     overrides = dict(num_draft_depths=recipe.num_draft_depths, num_augmenting_layers=recipe.num_augmenting_layers)
@@ -88,7 +99,9 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
         overrides["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     draft = Clover2ForDrafting.from_target(target, **overrides)
     if recipe.draft_vocab_size:
-        counts = token_frequencies(data.train, draft.config.vocab_size)
+        # a feature store yields its token ids without reading hidden states
+        token_source = data.train.token_examples() if hasattr(data.train, "token_examples") else data.train
+        counts = token_frequencies(token_source, draft.config.vocab_size)
         vocab = counts.argsort(descending=True, stable=True)[: recipe.draft_vocab_size]
         draft.set_draft_vocab(vocab)
         coverage = float(counts[vocab].sum() / counts.sum().clamp(min=1))
@@ -126,7 +139,7 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
         args=args,
         train_dataset=data.train,
         eval_dataset=eval_set or None,
-        data_collator=ConversationCollator.from_tokenizer(tokenizer),
+        data_collator=collator,
         target=target,
         callbacks=[_WallClockLimit(recipe.max_hours)] if recipe.max_hours else None,
     )
@@ -172,6 +185,9 @@ def _results_text(recipe: TrainRecipe, data, metrics: dict, seconds: float, step
         f"{len(data.train)} train / {len(data.eval)} eval conversations, max {recipe.max_length} tokens",
         f"- optimizer steps: {steps}; wall time {seconds / 3600:.2f} h",
     ]
+    if recipe.features:
+        lines.insert(3, f"- target features: precomputed store `{recipe.features}` "
+                        f"({data.train.manifest['dtype']} hidden states)")
     depths = sorted({k.rsplit("_", 1)[1] for k in metrics if k.startswith("eval_top1_")}, key=int)
     if depths:
         lines += ["", "| depth | " + " | ".join(depths) + " |", "|---|" + "---|" * len(depths)]

@@ -10,7 +10,8 @@ default because on this project's 2-core CPU a precomputed feature store cannot 
 the ~1 epoch a CPU run affords: the target pass is paid once either way, and the loss still needs the
 target's full-vocabulary distributions, which are too large to store (V floats per position) and are
 recomputed from g = norm(h) at every step in both designs. `scripts/measure_features.py` measures
-both variants (see README).
+both variants (see README). A precomputed store (`clover2_hf.features`, `clover2 features`,
+`clover2 train --features DIR`) holds h only; batches carrying `hidden_states` skip the decoder.
 
 Loss (clover2_spec.md, "Training"): for depth i at position t (hidden state h_t, teacher token
 x_{t+1}), the label is the target at position t + 1 + i:
@@ -32,7 +33,7 @@ from transformers import Trainer
 
 from .modeling_clover2 import Clover2ForDrafting
 
-__all__ = ["TargetFeatures", "target_features", "distillation_loss", "Clover2Trainer"]
+__all__ = ["TargetFeatures", "target_features", "precomputed_features", "distillation_loss", "Clover2Trainer"]
 
 
 @dataclass
@@ -58,6 +59,18 @@ def target_features(target, input_ids: torch.Tensor, attention_mask: torch.Tenso
     finally:
         handle.remove()
     return TargetFeatures(hidden=captured["h"], post_norm=captured["g"])
+
+
+@torch.no_grad()
+def precomputed_features(target, hidden: torch.Tensor) -> TargetFeatures:
+    """Features from stored pre-norm hidden states h [B, T, H]: g = the target's final norm(h).
+
+    h is cast to the target's dtype and device first, so g is computed as `target_features` would
+    (exactly so from a float32 store of a float32 target)."""
+    norm = target.get_decoder().norm
+    weight = getattr(norm, "weight", None)  # the norm's own device (a sharded target may spread layers)
+    hidden = hidden.to(device=target.device if weight is None else weight.device, dtype=target.dtype)
+    return TargetFeatures(hidden=hidden, post_norm=norm(hidden))
 
 
 def _shift(x: torch.Tensor, offset: int, length: int) -> torch.Tensor:
@@ -139,6 +152,9 @@ class Clover2Trainer(Trainer):
 
     Batches hold `input_ids`, `attention_mask` and `loss_mask` ([B, T]; see
     `clover2_hf.data.ConversationCollator`). Use `TrainingArguments(remove_unused_columns=False)`.
+    A batch that also holds precomputed `hidden_states` [B, T, H] (a `clover2_hf.features` store with
+    `FeatureCollator`) skips the target's decoder: only its final norm (labels g = norm(h)) and its
+    lm_head (target distributions) run.
     Evaluation reports the loss and per-depth top-1 / top-5 accuracy (token-weighted means).
     """
 
@@ -156,7 +172,10 @@ class Clover2Trainer(Trainer):
     def _loss_and_metrics(self, model, inputs):
         ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
-        features = target_features(self.target, ids.to(self.target.device), attention_mask)
+        if "hidden_states" in inputs:  # precomputed h (clover2_hf.features): only the target's norm runs
+            features = precomputed_features(self.target, inputs["hidden_states"])
+        else:
+            features = target_features(self.target, ids.to(self.target.device), attention_mask)
         draft = self._unwrapped_draft()
         next_ids = F.pad(ids[:, 1:], (0, 1))  # x_{t+1}; the last position has none (masked out)
         out = model(
