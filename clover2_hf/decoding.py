@@ -429,6 +429,9 @@ def _generate(self, *args, **kwargs):
         return _STOCK_GENERATE(self, *args, **kwargs)
 
     draft.attach_target(self)  # validates hidden size / vocabulary against this target
+    from .tune import apply_tuned_settings  # local import: tune imports this module
+
+    apply_tuned_settings(draft, self)  # `clover2 tune`'s tree budget / top-k for this target and device
     stats = stats if stats is not None else Clover2Stats()
     arguments = dict(bound.arguments)
     arguments.pop("self")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import clover2_hf  # noqa: F401  (registers the Auto classes)
+
+# A developer's own `clover2 tune` results must not change the tree settings the tests use.
+os.environ["CLOVER2_HF_TUNING"] = "0"
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2")
 

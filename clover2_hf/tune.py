@@ -1,0 +1,574 @@
+"""Hardware-aware tree budget and top-k for Clover-2 tree decoding (`clover2 tune`).
+
+One tree-decoding step drafts a tree of `b` nodes (budget b, each expanded node gets its top-k
+children) and verifies it in one target forward over q = b + 1 tokens (root + nodes). A larger
+tree accepts more tokens per step but costs more: on a GPU a forward over 1..~64 tokens costs nearly
+the same, on a CPU cost grows about linearly with q. The best (b, k) is therefore a property of the
+target, the drafter AND the device.
+
+Cost model (all times in seconds, measured on the current device, median of `repeats` runs):
+
+    step_time(b, k)  = draft_time(b, k) + verify_time(min(b, nodes(k)) + 1)
+    tokens_per_s(b, k) = tokens_per_step(b, k) / step_time(b, k)
+
+* ``verify_time(q)``: one target forward over q new tokens with the tree attention mask, on top of
+  a KV cache of `context_length` tokens (default: mean calibration prompt length + max_new_tokens/2),
+  including building the mask. Tabulated at exactly the q values needed, not fitted.
+* ``draft_time(b, k)``: one drafting phase: the augmenting block over `augment_tokens` (3) newly
+  verified tokens on top of a drafter cache of `context_length` tokens, head depth 0, and
+  `build_tree` with top_k = k. The drafter expands k nodes per depth whatever the budget (the budget
+  only selects which generated nodes are kept), so it is measured per k and modelled as independent
+  of b. nodes(k) = k + (N - 1) k^2 is the number of nodes the drafter generates (N = draft depths).
+* ``tokens_per_step(b, k)``: expected tokens emitted per verification pass (accepted drafts + the
+  bonus token), from calibration: for each calibration prompt the target's greedy continuation is
+  generated with plain `generate`; the drafter is run teacher-forced along it, and at every position
+  the tree for each k is grown to its full size; a node of that tree is in the budget-b tree iff its
+  rank in `build_tree`'s selection order is < b. Greedy tree decoding follows the same trajectory,
+  so replaying it (start at the first new token, accept the longest tree path that matches the
+  continuation, jump past the bonus token) gives the exact number of steps the real decoder takes
+  for every (b, k) at once (up to floating-point differences between the teacher-forced and
+  incremental drafter). tokens_per_step = emitted tokens / steps, summed over prompts.
+
+Overheads that the model leaves out: the host-side tree walk and cache compaction (small, roughly
+proportional to the accepted length) and the prefill.
+
+The choice is stored per (target, dtype, device) in ``<cache root>/tuning.json`` (cache root:
+``$CLOVER2_HF_CACHE``, else ``$XDG_CACHE_HOME/clover2_hf``, else ``~/.cache/clover2_hf``), and
+`apply_tuned_settings(draft, target)` puts it into `draft.config` (see its docstring for when it
+leaves the config alone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .configuration_clover2 import Clover2Config
+from .decoding import _PreNormCapture, _target_mask_kwargs
+from .embedded import cache_root
+from .tree import DraftTree, build_tree
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "DEFAULT_TOP_KS",
+    "TUNING_DISABLE_ENV_VAR",
+    "TuneResult",
+    "apply_tuned_settings",
+    "choose_tree_settings",
+    "device_key",
+    "load_tuned_settings",
+    "measure_draft_time",
+    "measure_tokens_per_step",
+    "measure_verify_time",
+    "save_tuned_settings",
+    "target_key",
+    "tree_nodes",
+    "tune",
+    "tuning_file",
+]
+
+DEFAULT_BUDGETS: tuple[int, ...] = (4, 8, 12, 16, 24, 32, 48, 64, 96)
+DEFAULT_TOP_KS: tuple[int, ...] = (2, 4, 6, 8, 10)
+TUNING_FILENAME = "tuning.json"
+#: Set to "0" to make `apply_tuned_settings` a no-op (e.g. for reproducible benchmarks).
+TUNING_DISABLE_ENV_VAR = "CLOVER2_HF_TUNING"
+_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- keys and storage
+
+
+def target_key(target) -> str:
+    """Identity of a target for the tuning file: its name or path (else an architecture fingerprint) and dtype."""
+    config = target.config.get_text_config()
+    name = getattr(target, "name_or_path", "") or (
+        f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{config.vocab_size}"
+    )
+    return f"{name} [{str(target.dtype).removeprefix('torch.')}]"
+
+
+def device_key(device: torch.device | str) -> str:
+    """Identity of a device: the CUDA device name, or CPU architecture and torch thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"cpu:{platform.machine()}:{torch.get_num_threads()}threads"
+    return device.type
+
+
+def tuning_file(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The tuning JSON: `<cache root>/tuning.json` (see the module docstring for the cache root)."""
+    return cache_root(cache_dir) / TUNING_FILENAME
+
+
+_FILE_CACHE: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
+def _read_entries(path: Path) -> dict[str, Any]:
+    """The file's entries ({key: record}); {} when absent or unreadable (with a warning)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return {}
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _FILE_CACHE.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise TypeError("entries is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring unreadable Clover-2 tuning file %s (%s)", path, exc)
+        entries = {}
+    _FILE_CACHE[path] = (stamp, entries)
+    return entries
+
+
+def _entry_key(target) -> str:
+    return f"{target_key(target)} @ {device_key(target.device)}"
+
+
+def save_tuned_settings(result: TuneResult, target, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Store `result`'s choice for (target, dtype, device) in the tuning file (atomic write). Returns its path."""
+    path = tuning_file(cache_dir)
+    entries = dict(_read_entries(path))
+    entries[_entry_key(target)] = {
+        "tree_budget": result.budget,
+        "tree_top_k": result.top_k,
+        "expected_tokens_per_step": result.expected_tokens_per_step,
+        "expected_tokens_per_s": result.expected_tokens_per_s,
+        "expected_speedup": result.expected_speedup,
+        "context_length": result.context_length,
+        "draft": result.draft,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": _FORMAT_VERSION, "entries": entries}, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tuned_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
+    """The stored choice for `target` (name, dtype) on its current device, or None.
+
+    Returns the record: `tree_budget`, `tree_top_k`, `expected_tokens_per_s`, ... . A record tuned with
+    another drafter is still returned (the budget mostly depends on the device), with a debug log.
+    """
+    record = _read_entries(tuning_file(cache_dir)).get(_entry_key(target))
+    if record is None:
+        return None
+    budget, top_k = record.get("tree_budget"), record.get("tree_top_k")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (budget, top_k)):
+        logger.warning("ignoring malformed Clover-2 tuning record for %s: %r", _entry_key(target), record)
+        return None
+    name = getattr(draft, "name_or_path", "") or None
+    if record.get("draft") not in (None, name):
+        logger.debug("Clover-2 tuning record was measured with drafter %s, using it for %s", record.get("draft"), name)
+    return dict(record)
+
+
+def apply_tuned_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None,
+                         force: bool = False) -> dict[str, Any] | None:
+    """Set `draft.config.tree_budget` / `tree_top_k` from the tuning file; returns the record applied, or None.
+
+    Cheap enough to call on every `generate` (the file is re-read only when it changes). It does
+    nothing when ``$CLOVER2_HF_TUNING=0``, when no record exists, or, unless `force`, when the
+    user chose the tree settings: it only replaces values that are still the `Clover2Config`
+    defaults (25, 10) or that it set itself earlier on this drafter.
+    """
+    if os.environ.get(TUNING_DISABLE_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    cfg = draft.config
+    current = (cfg.tree_budget, cfg.tree_top_k)
+    defaults = (Clover2Config.tree_budget, Clover2Config.tree_top_k)
+    if not force and current != defaults and current != getattr(draft, "_clover2_tuned_settings", None):
+        return None
+    record = load_tuned_settings(draft, target, cache_dir)
+    if record is None:
+        return None
+    cfg.tree_budget, cfg.tree_top_k = record["tree_budget"], record["tree_top_k"]
+    object.__setattr__(draft, "_clover2_tuned_settings", (cfg.tree_budget, cfg.tree_top_k))
+    return record
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _binary_tree(num_nodes: int, device: torch.device) -> DraftTree:
+    """A tree of `num_nodes` draft nodes (verify index v has parent v // 2), for timing only."""
+    verify = torch.arange(1, num_nodes + 1)
+    parents = verify // 2
+    depths = torch.zeros(num_nodes, dtype=torch.long)
+    for m in range(num_nodes):
+        depths[m] = 1 if parents[m] == 0 else depths[parents[m] - 1] + 1
+    return DraftTree(root_token=0, tokens=torch.zeros(num_nodes, dtype=torch.long, device=device),
+                     parents=parents.to(device), depths=depths.to(device), scores=torch.zeros(num_nodes, device=device))
+
+
+@torch.no_grad()
+def measure_verify_time(target, num_tokens: Sequence[int], context_length: int = 256, repeats: int = 5,
+                        seed: int = 0) -> dict[int, float]:
+    """Seconds of one target verification forward over q tokens, for each q in `num_tokens`.
+
+    The forward uses a tree attention mask (a binary tree of q - 1 nodes) and positions
+    context + depth, on top of a KV cache of `context_length` random tokens, exactly as tree decoding
+    does; the cache is cropped back after each forward. q = 1 is a plain decoding step.
+    """
+    device = target.device
+    vocab = target.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(0, vocab, (1, max(context_length, 1)), generator=g).to(device)
+    cache = DynamicCache(config=target.config)
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    target(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
+    past = cache.get_seq_length()
+    out: dict[int, float] = {}
+    for q in sorted(set(int(n) for n in num_tokens)):
+        if q < 1:
+            raise ValueError(f"token counts must be >= 1, got {q}")
+        tree = _binary_tree(q - 1, device)
+        tokens = torch.randint(0, vocab, (1, q), generator=g).to(device)
+
+        def step(tree=tree, tokens=tokens, q=q) -> None:
+            depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
+            mask = _target_mask_kwargs(target, cache, tree, past, target.dtype)
+            target(input_ids=tokens, attention_mask=mask, position_ids=(past + depths)[None], cache=cache,
+                   use_cache=True)
+            cache.crop(-q)
+
+        out[q] = _median_time(step, device, repeats)
+    return out
+
+
+def tree_nodes(top_k: int, num_depths: int) -> int:
+    """Nodes the dynamic tree generates before the budget cut: k + (N - 1) k^2."""
+    return top_k + (num_depths - 1) * top_k * top_k
+
+
+def _expand_fn(draft):
+    def expand(states: torch.Tensor, draft_ids: torch.Tensor):
+        out, new_states = draft.head_step(states, draft.draft_to_target_ids(draft_ids))
+        return torch.log_softmax(draft.head_logits(out).float(), dim=-1), new_states
+
+    return expand
+
+
+def _grow_tree(draft, root_token: int, root_state: torch.Tensor, top_k: int, budget: int) -> DraftTree:
+    """Head depth 0 + `build_tree` from an augmented state c_t [H], as tree decoding does."""
+    head0, _ = draft.head_step(root_state[None])
+    return build_tree(
+        root_token=root_token,
+        first_logprobs=torch.log_softmax(draft.head_logits(head0).float(), dim=-1)[0],
+        expand=_expand_fn(draft),
+        root_state=root_state,
+        max_depth=draft.config.num_draft_depths,
+        top_k=top_k,
+        budget=budget,
+        to_target_ids=draft.draft_to_target_ids,
+    )
+
+
+@torch.no_grad()
+def measure_draft_time(draft, top_ks: Sequence[int], context_length: int = 256, augment_tokens: int = 3,
+                       repeats: int = 5, seed: int = 0) -> dict[int, float]:
+    """Seconds of one drafting phase for each top_k (see the module docstring), on the drafter's device."""
+    device = draft.fc1.weight.device
+    dtype = draft.fc1.weight.dtype
+    hidden, vocab = draft.config.hidden_size, draft.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    cache = draft.new_cache()
+    draft.augment(torch.randn(1, max(context_length, 1), hidden, generator=g).to(device, dtype),
+                  torch.randint(0, vocab, (1, max(context_length, 1)), generator=g).to(device), cache=cache)
+    states = torch.randn(1, augment_tokens, hidden, generator=g).to(device, dtype)
+    ids = torch.randint(0, vocab, (1, augment_tokens), generator=g).to(device)
+    out: dict[int, float] = {}
+    for k in sorted(set(int(k) for k in top_ks)):
+        budget = tree_nodes(k, draft.config.num_draft_depths)
+
+        def step(k=k, budget=budget) -> None:
+            augmented = draft.augment(states, ids, cache=cache)
+            _grow_tree(draft, int(ids[0, -1]), augmented[0, -1], k, budget)
+            cache.crop(-augment_tokens)
+
+        out[k] = _median_time(step, device, repeats)
+    return out
+
+
+def _selection_ranks(tree: DraftTree) -> list[int]:
+    """rank[m] of node m (verify index m + 1) in `build_tree`'s budget order: the budget-b tree keeps rank < b."""
+    by_depth = torch.sort(tree.depths.cpu(), stable=True).indices
+    order = by_depth[torch.sort(tree.scores.cpu()[by_depth], descending=True, stable=True).indices]
+    ranks = [0] * tree.num_nodes
+    for rank, m in enumerate(order.tolist()):
+        ranks[m] = rank
+    return ranks
+
+
+@torch.no_grad()
+def measure_tokens_per_step(target, draft, prompts: Sequence[torch.Tensor], budgets: Sequence[int],
+                            top_ks: Sequence[int], max_new_tokens: int = 64) -> dict[tuple[int, int], float]:
+    """Expected tokens per verification pass for every (budget, top_k), by greedy replay (module docstring).
+
+    Args:
+        prompts: 1-D (or [1, P]) token id tensors, e.g. chat-templated questions.
+    Returns:
+        {(budget, top_k): tokens per step}; a (budget, top_k) with budget > nodes(top_k) is the full tree.
+    """
+    draft.attach_target(target)
+    device = target.device
+    draft_device = draft.fc1.weight.device
+    totals = {(b, k): [0, 0] for b in budgets for k in top_ks}  # [tokens, steps]
+    for prompt in prompts:
+        prompt = prompt.reshape(1, -1).to(device)
+        seq = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=max_new_tokens)
+        P, L = prompt.shape[1], seq.shape[1]
+        if L - P < 2:
+            continue  # nothing to draft after the first new token
+        capture = _PreNormCapture(target)
+        try:
+            target(input_ids=seq)
+            hidden = capture.hidden  # [1, L, H] pre-norm states
+        finally:
+            capture.remove()
+        # augmented[j] reads h_j and token seq[j + 1]: the root state of the tree rooted at seq[j + 1]
+        augmented = draft.augment(hidden[:, :-1].to(draft_device), seq[:, 1:].to(draft_device))[0]
+        tokens = seq[0].tolist()
+        # accepted[k][r - P] = selection ranks of the matched path of the tree rooted at position r
+        paths: dict[int, list[list[int]]] = {k: [] for k in top_ks}
+        for r in range(P, L - 1):
+            for k in top_ks:
+                tree = _grow_tree(draft, tokens[r], augmented[r - 1], k, tree_nodes(k, draft.config.num_draft_depths))
+                ranks, children = _selection_ranks(tree), tree.children()
+                node, matched = 0, []
+                for nxt in tokens[r + 1:]:
+                    child = children[node].get(nxt)
+                    if child is None:
+                        break
+                    matched.append(ranks[child - 1])
+                    node = child
+                paths[k].append(matched)
+        for b in budgets:
+            for k in top_ks:
+                r = P
+                while r < L - 1:
+                    accepted = 0
+                    for rank in paths[k][r - P]:
+                        if rank >= b:
+                            break
+                        accepted += 1
+                    emitted = min(accepted + 1, L - 1 - r)
+                    totals[(b, k)][0] += emitted
+                    totals[(b, k)][1] += 1
+                    r += emitted
+    if all(steps == 0 for _, steps in totals.values()):
+        raise ValueError("calibration produced no decoding step: use longer generations or more prompts")
+    return {key: tokens / steps for key, (tokens, steps) in totals.items()}
+
+
+# --------------------------------------------------------------------------- the choice
+
+
+@dataclass
+class TuneResult:
+    """The chosen tree settings and the numbers behind them (times in seconds)."""
+
+    budget: int
+    top_k: int
+    expected_tokens_per_step: float
+    expected_step_time_s: float
+    expected_tokens_per_s: float
+    baseline_tokens_per_s: float | None  # 1 / verify_time(1): plain decoding's cost model, if measured
+    grid: list[dict[str, float]]  # every candidate: budget, top_k, tokens_per_step, draft_time_s, verify_time_s, tokens_per_s
+    context_length: int | None = None
+    verify_time_s: dict[int, float] = field(default_factory=dict)
+    draft_time_s: dict[int, float] = field(default_factory=dict)
+    target: str | None = None
+    device: str | None = None
+    draft: str | None = None
+
+    @property
+    def expected_speedup(self) -> float | None:
+        """Modelled tokens/s over plain decoding's 1 / verify_time(1); None when q = 1 was not measured."""
+        if not self.baseline_tokens_per_s:
+            return None
+        return self.expected_tokens_per_s / self.baseline_tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["expected_speedup"] = self.expected_speedup
+        out["verify_time_s"] = {str(k): v for k, v in self.verify_time_s.items()}
+        out["draft_time_s"] = {str(k): v for k, v in self.draft_time_s.items()}
+        return out
+
+    def table(self, rows: int = 10) -> str:
+        """The `rows` best candidates as text, best first."""
+        best = sorted(self.grid, key=lambda g: -g["tokens_per_s"])[:rows]
+        lines = [f"{'budget':>6} {'top_k':>5} {'tok/step':>8} {'draft ms':>8} {'verify ms':>9} {'tok/s':>8}"]
+        for g in best:
+            lines.append(f"{g['budget']:>6d} {g['top_k']:>5d} {g['tokens_per_step']:>8.2f} "
+                         f"{1e3 * g['draft_time_s']:>8.2f} {1e3 * g['verify_time_s']:>9.2f} {g['tokens_per_s']:>8.1f}")
+        return "\n".join(lines)
+
+
+def choose_tree_settings(
+    budgets: Sequence[int],
+    top_ks: Sequence[int],
+    tokens_per_step: Callable[[int, int], float],
+    draft_time: Callable[[int, int], float],
+    verify_time: Callable[[int], float],
+    max_nodes: Callable[[int], int] | None = None,
+) -> TuneResult:
+    """Pick the (budget, top_k) maximising tokens_per_step(b, k) / (draft_time(b, k) + verify_time(q)).
+
+    q = min(b, max_nodes(k)) + 1 tokens are verified (root + kept nodes). Candidates with
+    b > max_nodes(k) are skipped (the same tree as a smaller budget), unless no budget fits that k.
+    Ties go to the smaller budget, then the smaller k.
+    """
+    grid: list[dict[str, float]] = []
+    for k in sorted(set(top_ks)):
+        cap = max_nodes(k) if max_nodes is not None else None
+        ks_budgets = sorted(set(budgets))
+        fitting = [b for b in ks_budgets if cap is None or b <= cap]
+        for b in fitting or [min(ks_budgets)]:
+            q = (min(b, cap) if cap is not None else b) + 1
+            tps, dt, vt = float(tokens_per_step(b, k)), float(draft_time(b, k)), float(verify_time(q))
+            step = dt + vt
+            grid.append({"budget": b, "top_k": k, "tokens_per_step": tps, "draft_time_s": dt, "verify_time_s": vt,
+                         "tokens_per_s": tps / step if step > 0 else float("inf")})
+    if not grid:
+        raise ValueError("no candidate (budget, top_k): give at least one budget and one top_k")
+    best = max(grid, key=lambda g: (g["tokens_per_s"], -g["budget"], -g["top_k"]))
+    return TuneResult(
+        budget=int(best["budget"]),
+        top_k=int(best["top_k"]),
+        expected_tokens_per_step=best["tokens_per_step"],
+        expected_step_time_s=best["draft_time_s"] + best["verify_time_s"],
+        expected_tokens_per_s=best["tokens_per_s"],
+        baseline_tokens_per_s=None,
+        grid=grid,
+    )
+
+
+def tune(
+    target,
+    draft,
+    prompts: Sequence[torch.Tensor],
+    *,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    top_ks: Sequence[int] = DEFAULT_TOP_KS,
+    max_new_tokens: int = 64,
+    context_length: int | None = None,
+    repeats: int = 5,
+    tokens_per_step_fn: Callable[[int, int], float] | None = None,
+    draft_time_fn: Callable[[int, int], float] | None = None,
+    verify_time_fn: Callable[[int], float] | None = None,
+    save: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> TuneResult:
+    """Measure the cost model on this device, pick (budget, top_k) and (by default) store it.
+
+    Args:
+        target, draft: the target and its Clover-2 drafter (dynamic tree), on the device to tune for.
+        prompts: calibration prompts (token id tensors), e.g. a few chat-templated MT-Bench questions.
+        budgets, top_ks: candidate tree budgets and top-k values.
+        max_new_tokens: length of each calibration continuation.
+        context_length: KV-cache length for the timing runs (default: mean prompt length + max_new_tokens / 2).
+        repeats: timed runs per measured point (median).
+        tokens_per_step_fn, draft_time_fn, verify_time_fn: replace a measured part of the cost model
+            (tests, or a model of another device); signatures as in `choose_tree_settings`.
+        save: store the choice in the tuning file for (target, dtype, device).
+        cache_dir: cache root of the tuning file (default: see the module docstring).
+    """
+    if draft.config.tree_type != "dynamic":
+        raise ValueError("tuning chooses a dynamic tree's budget and top_k; this drafter uses a static tree")
+    budgets, top_ks = sorted(set(budgets)), sorted(set(top_ks))
+    if not budgets or not top_ks or min(budgets) < 1 or min(top_ks) < 1:
+        raise ValueError("budgets and top_ks must be non-empty lists of integers >= 1")
+    draft.attach_target(target)
+    depths = draft.config.num_draft_depths
+
+    def max_nodes(k: int) -> int:
+        return tree_nodes(k, depths)
+
+    if context_length is None:
+        lengths = [int(p.numel()) for p in prompts] or [128]
+        context_length = int(sum(lengths) / len(lengths)) + max_new_tokens // 2
+    verify_table: dict[int, float] = {}
+    draft_table: dict[int, float] = {}
+    if tokens_per_step_fn is None:
+        logger.info("calibrating acceptance on %d prompt(s), %d new tokens each", len(prompts), max_new_tokens)
+        measured = measure_tokens_per_step(target, draft, prompts, budgets, top_ks, max_new_tokens)
+
+        def tokens_per_step_fn(b: int, k: int) -> float:
+            return measured[(b, k)]
+    if verify_time_fn is None:
+        qs = {1} | {min(b, max_nodes(k)) + 1 for b in budgets for k in top_ks}
+        logger.info("timing target forwards over %d token counts at context %d", len(qs), context_length)
+        verify_table = measure_verify_time(target, sorted(qs), context_length, repeats)
+        verify_time_fn = verify_table.__getitem__
+    if draft_time_fn is None:
+        logger.info("timing the drafter for top_k in %s", top_ks)
+        draft_table = measure_draft_time(draft, top_ks, context_length, repeats=repeats)
+
+        def draft_time_fn(b: int, k: int) -> float:
+            return draft_table[k]
+
+    result = choose_tree_settings(budgets, top_ks, tokens_per_step_fn, draft_time_fn, verify_time_fn, max_nodes)
+    try:
+        base = float(verify_time_fn(1))
+        result.baseline_tokens_per_s = 1.0 / base if base > 0 else None
+    except (KeyError, ValueError):
+        result.baseline_tokens_per_s = None
+    result.context_length = context_length
+    result.verify_time_s, result.draft_time_s = verify_table, draft_table
+    result.target, result.device = target_key(target), device_key(target.device)
+    result.draft = getattr(draft, "name_or_path", "") or None
+    if save:
+        path = save_tuned_settings(result, target, cache_dir)
+        logger.info("stored tree_budget=%d tree_top_k=%d for %s in %s", result.budget, result.top_k,
+                    _entry_key(target), path)
+    return result

@@ -1,0 +1,122 @@
+"""clover2_hf.demo: accepted-draft marking in the streamer, and `clover2 demo` end to end on SmolLM2."""
+
+from __future__ import annotations
+
+import functools
+import io
+import re
+
+import pytest
+import torch
+from conftest import make_tiny_target
+from drafters import train_on_own_outputs
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as tokenizer_models
+from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from clover2_hf import Clover2Stats
+from clover2_hf.cli import _shipped_drafter, main
+from clover2_hf.demo import DraftHighlightStreamer, labels_from_stats
+
+VOCAB = 259
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab.update({ch: 3 + b for b, ch in bytes_to_unicode().items()})
+    tok = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<pad>")
+
+
+@functools.cache
+def trained_pair():
+    target = make_tiny_target("llama", seed=1, peaked=True, vocab_size=VOCAB)
+    draft = train_on_own_outputs(target, steps=40, seqs=24, length=40, seed=0)
+    prompts = torch.randint(3, VOCAB, (4, 4), generator=torch.Generator().manual_seed(0))
+    return target, draft, prompts
+
+
+def _ids(text: str) -> list[int]:
+    return [3 + b for b in text.encode()] if text else []
+
+
+def test_bracket_rendering_follows_tree_passes():
+    """Tree mode puts one token per call; tokens_per_step grows just before each bonus token."""
+    stats = Clover2Stats(mode="tree")
+    out = io.StringIO()
+    streamer = DraftHighlightStreamer(byte_tokenizer(), stats, stream=out, style="brackets")
+    streamer.put(torch.tensor([_ids("prompt")]))  # the prompt: not shown
+    streamer.put(torch.tensor(_ids("a")))  # prefill token: the target's
+    for drafted, bonus in [("bc", "d"), ("", "e"), ("fgh", "i")]:
+        for ch in drafted:
+            streamer.put(torch.tensor(_ids(ch)))
+        stats.tokens_per_step.append(len(drafted) + 1)
+        streamer.put(torch.tensor(_ids(bonus)))
+    streamer.end()
+    assert out.getvalue() == "a[bc]de[fgh]i\n"
+    stats.new_tokens = 9
+    assert streamer.labels == labels_from_stats(stats)
+
+
+def test_chain_chunks_mark_all_but_the_last_token():
+    stats = Clover2Stats(mode="chain")
+    out = io.StringIO()
+    streamer = DraftHighlightStreamer(byte_tokenizer(), stats, stream=out, style="ansi")
+    for chunk in ["prompt", "a", "bcd", "e"]:
+        streamer.put(torch.tensor([_ids(chunk)]))
+    streamer.end()
+    assert out.getvalue() == "a\033[32mbc\033[0mde\n"
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_live_labels_match_the_decoding_stats(mode):
+    target, draft, prompts = trained_pair()
+    tokenizer = byte_tokenizer()
+    draft.config.decoding = mode
+    drafted = 0
+    try:
+        for prompt in prompts:
+            stats = Clover2Stats()
+            out = io.StringIO()
+            streamer = DraftHighlightStreamer(tokenizer, stats, stream=out, style="ansi")
+            seq = target.generate(prompt[None], do_sample=False, max_new_tokens=30, assistant_model=draft,
+                                  clover2_stats=stats, streamer=streamer)
+            new = seq[0, prompt.numel():].tolist()
+            assert streamer.token_ids == new
+            if mode == "tree":
+                assert streamer.labels == labels_from_stats(stats)
+            assert sum(streamer.labels) == sum(stats.accepted_depths)
+            shown = re.sub(r"\033\[(32|0)m", "", out.getvalue())
+            assert shown == tokenizer.decode(new, skip_special_tokens=True) + "\n"
+            drafted += sum(streamer.labels)
+    finally:
+        draft.config.decoding = "tree"
+    assert drafted > 10  # the trained drafter's tokens were accepted and marked
+
+
+def test_cli_demo_on_embedded_target(capsys):
+    """`clover2 demo` on the embedded SmolLM2 with the shipped (or, until trained, an untrained) drafter."""
+    assert main(["demo", "--max-new-tokens", "12", "--style", "brackets", "--device", "cpu",
+                 "--prompt", "Name three colours."]) == 0
+    out = capsys.readouterr().out
+    if _shipped_drafter() is None:
+        assert "UNTRAINED" in out
+    assert "prompt: Name three colours." in out
+    plain = re.search(r"plain generate : (\d+) tokens in [\d.]+ s = ([\d.]+) tokens/s", out)
+    clover = re.search(r"Clover-2 \(tree\): (\d+) tokens in [\d.]+ s = ([\d.]+) tokens/s, tau ([\d.]+) tokens/pass", out)
+    speedup = re.search(r"speedup        : ([\d.]+)x \(outputs identical: yes\)", out)
+    assert plain and clover and speedup, out
+    assert plain.group(1) == clover.group(1) == "12"
+    assert float(clover.group(3)) >= 1.0 and float(speedup.group(1)) > 0
