@@ -96,14 +96,17 @@ def default_questions_path() -> Path:
     return Path(str(resource))
 
 
-def load_questions(path: str | os.PathLike[str] | None = None, num_questions: int | None = None) -> list[Question]:
+def load_questions(
+    path: str | os.PathLike[str] | None = None, num_questions: int | None = None, per_category: int | None = None
+) -> list[Question]:
     """Read a JSONL question file: one `{"question_id", "category", "turns": [str, ...]}` object a line.
 
     Blank lines are skipped; other keys (e.g. MT-Bench's `reference`) are ignored.
 
     Args:
         path: the file; None reads the bundled MT-Bench questions (via `importlib.resources`).
-        num_questions: keep only the first N questions (None: all).
+        num_questions: keep only the first N questions (None: all), after `per_category`.
+        per_category: keep only the first N questions of each category (None: all).
 
     Raises:
         QuestionFileError: the file is missing or unreadable, a line is not a JSON object, a key is
@@ -154,8 +157,15 @@ def load_questions(path: str | os.PathLike[str] | None = None, num_questions: in
             raise QuestionFileError(f"{where}: question_id {qid!r} repeats (first on line {seen[qid]})")
         seen[qid] = lineno
         questions.append(Question(qid, category, tuple(turns)))
-        if num_questions is not None and len(questions) == num_questions:
-            break
+    if per_category is not None:
+        taken: dict[str, int] = {}
+        kept = []
+        for question in questions:
+            taken[question.category] = taken.get(question.category, 0) + 1
+            if taken[question.category] <= per_category:
+                kept.append(question)
+        questions = kept
+    questions = questions[:num_questions]
     if not questions:
         raise QuestionFileError(f"{name}: the question file holds no question")
     return questions

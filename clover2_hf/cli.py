@@ -83,6 +83,7 @@ def _bench_parser(sub) -> None:
     _model_args(p, f"Clover-2 drafter dir or Hub id (default: {_SHIPPED_DRAFTER} when it holds weights)")
     p.add_argument("--questions", default=None, help="JSONL of {question_id, category, turns} (default: bundled MT-Bench)")
     p.add_argument("--num-questions", type=int, default=None, help="first N questions only")
+    p.add_argument("--per-category", type=int, default=None, help="first N questions of each category only")
     p.add_argument("--both-turns", action="store_true", help="also run turn 2 (its prompt holds the turn-1 answer)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--methods", default=None,
@@ -162,7 +163,7 @@ def _bench(args) -> None:
     if "assisted" in methods and not args.assistant:
         raise SystemExit("the 'assisted' method needs --assistant <smaller same-tokenizer model>")
     try:
-        questions = load_questions(args.questions, args.num_questions)
+        questions = load_questions(args.questions, args.num_questions, args.per_category)
     except QuestionFileError as exc:
         raise SystemExit(f"clover2 bench: {exc}") from None
     needs_draft = any(m.startswith("clover2") for m in methods)

@@ -268,3 +268,12 @@ def test_cli_bench_writes_results(models, tmp_path, capsys):
     assert (out / "speedup.png").is_file() and (out / "depth_acceptance.png").is_file()
     printed = capsys.readouterr().out
     assert "clover2-tree" in printed and "speedup" in printed and "results.json" in printed
+
+
+def test_per_category_keeps_the_first_questions_of_each_category():
+    from clover2_hf.bench import load_questions
+
+    questions = load_questions(per_category=2)
+    categories = [q.category for q in questions]
+    assert len(questions) == 16 and all(categories.count(c) == 2 for c in set(categories))
+    assert len(load_questions(per_category=2, num_questions=5)) == 5
