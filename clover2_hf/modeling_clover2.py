@@ -143,6 +143,12 @@ class Clover2PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _keys_to_ignore_on_load_unexpected = [r"lm_head\.", r"embed_tokens\."]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading safetensors only (a pickle file is never loaded)."""
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(*args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         """Initialisation rules of the paper for the new weights.
 

@@ -153,3 +153,13 @@ def test_push_to_hub_offline_fails_in_hub_client(monkeypatch):
     with pytest.raises(Exception) as info:
         draft.push_to_hub("someone/clover2-test", token="hf_dummy")
     assert type(info.value).__module__.startswith(("huggingface_hub", "requests", "httpx")), repr(info.value)
+
+
+def test_never_loads_a_pickle_checkpoint(saved, tmp_path):
+    draft, _, path, _ = saved
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((path / "config.json").read_bytes())
+    torch.save(draft.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors|model.safetensors"):
+        AutoModel.from_pretrained(folder)

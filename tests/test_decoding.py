@@ -330,3 +330,18 @@ def test_tree_sampling_reproduces_plain_sampling_with_the_same_seed():
         got = target.generate(ids, assistant_model=draft, clover2_stats=stats, **kwargs)
         assert torch.equal(plain, got)
         assert stats.target_forwards < stats.new_tokens
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_identical_across_attention_kernels_and_dtypes(attn, dtype, mode):
+    """Tree masks are additive floats, so eager (which adds the mask) and sdpa agree; bf16 targets too."""
+    target = make_tiny_target("llama", seed=7, peaked=True).to(dtype)
+    target.set_attn_implementation(attn)
+    draft = Clover2ForDrafting.from_target(target).eval()
+    assert draft.dtype == dtype
+    for seed in range(3):
+        ids = torch.randint(3, 160, (1, 6), generator=torch.Generator().manual_seed(seed))
+        expected, got, _ = _generate_both(target, draft, mode, ids, max_new_tokens=20)
+        assert torch.equal(expected, got)
