@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import logging
 import sys
 
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         from .recipes import TrainRecipe, train
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
-        train(TrainRecipe(**options))
+        argv = sys.argv[1:] if argv is None else argv
+        train(TrainRecipe(**options, command=shlex.join(["clover2", *argv])))
     elif args.command == "features":
         from .features import FeatureRecipe, build_features
 

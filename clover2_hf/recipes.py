@@ -6,8 +6,6 @@ Kept apart from `training.py` (loss + Trainer) so that the library pieces stay u
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,6 +59,7 @@ class TrainRecipe:
     save_dtype: str = "float32"
     resume: bool = False
     max_hours: float | None = None
+    command: str | None = None  # the command line that started the run, for the model card
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -148,12 +147,13 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
     metrics = trainer.evaluate() if eval_set else {}
     draft = trainer.model
     final = Path(recipe.output_dir) / "final"
-    command = "clover2 train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["train"] else None
+    command = recipe.command
     card = _results_text(recipe, data, metrics, time.time() - start, trainer.state.global_step)
-    save_dtype = getattr(torch, recipe.save_dtype)
-    draft.to(save_dtype).save_pretrained(final, training_command=command, extra_text=card)
-    draft.to(torch.float32)
-    logger.info("saved drafter to %s", final)
+    if trainer.is_world_process_zero():
+        save_dtype = getattr(torch, recipe.save_dtype)
+        draft.to(save_dtype).save_pretrained(final, training_command=command, extra_text=card)
+        draft.to(torch.float32)
+        logger.info("saved drafter to %s", final)
     return draft
 
 

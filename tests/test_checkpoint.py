@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +53,7 @@ def test_files_written(saved):
 def test_checkpoint_holds_no_target_head_or_embedding(saved):
     draft, target, path, _ = saved
     tensors = load_file(path / "model.safetensors")
-    V, H = target.config.vocab_size, target.config.hidden_size
+    V = target.config.vocab_size
     assert not any("lm_head" in k or "embed" in k for k in tensors)
     assert not any(V in t.shape for t in tensors.values())
     assert set(tensors) == set(draft.state_dict())
