@@ -6,11 +6,13 @@ optimizer and the checkpoints.
 
 Features come from the target ON THE FLY, inside `compute_loss`: one no-grad forward of the frozen
 target gives the pre-norm last hidden states h_t (captured at the final norm's input). That is the
-default because on this project's 2-core CPU a precomputed feature store cannot pay for itself within
-the ~1 epoch a CPU run affords: the target pass is paid once either way, and the loss still needs the
-target's full-vocabulary distributions, which are too large to store (V floats per position) and are
-recomputed from g = norm(h) at every step in both designs. `scripts/measure_features.py` measures
-both variants (see README). A precomputed store (`clover2_hf.features`, `clover2 features`,
+default because a precomputed store only pays for itself after more than one epoch. Measured with
+`scripts/measure_features.py` on the project's 2-core CPU (SmolLM2-135M bf16 target, 8192-token draft
+vocabulary, 60 ShareGPT conversations; docs/bench/measure_features.json): on-the-fly training 834
+tokens/s, building a bf16 store 1513 tokens/s (1157 bytes/token), training from the store 1625
+tokens/s, so break-even at 1.13 epochs. A CPU run covers less than one epoch; multi-epoch GPU recipes
+(the paper's 20 epochs) should build a store first. The target's full-vocabulary distributions are
+too large to store (V floats per position) and are recomputed from g = norm(h) in both designs. A precomputed store (`clover2_hf.features`, `clover2 features`,
 `clover2 train --features DIR`) holds h only; batches carrying `hidden_states` skip the decoder.
 
 Loss (clover2_spec.md, "Training"): for depth i at position t (hidden state h_t, teacher token

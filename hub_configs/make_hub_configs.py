@@ -54,6 +54,9 @@ def build_config(name: str) -> Clover2Config:
 def main() -> None:
     for name in TARGETS:
         out = HERE / name
+        if (out / "model.safetensors").exists():
+            print("kept", out, "(trained weights: its config and card come from the training run)")
+            continue
         out.mkdir(exist_ok=True)
         config = build_config(name)
         config.architectures = ["Clover2ForDrafting"]
@@ -64,14 +67,13 @@ def main() -> None:
             "AutoModel": "modeling_clover2.Clover2ForDrafting",
         }
         config.to_json_file(out / "config.json")
-        if not (out / "model.safetensors").exists():  # a trained folder keeps the card its training wrote
-            with torch.device("meta"):
-                model = Clover2ForDrafting(config)
-            note = (
-                "**This folder is a Hub-ready configuration; no weights for this target have been trained "
-                "by the project yet.**"
-            )
-            model.model_card(extra_text=note).save(out / "README.md")
+        with torch.device("meta"):
+            model = Clover2ForDrafting(config)
+        note = (
+            "**This folder is a Hub-ready configuration; no weights for this target have been trained "
+            "by the project yet.**"
+        )
+        model.model_card(extra_text=note).save(out / "README.md")
         print("wrote", out)
 
 
