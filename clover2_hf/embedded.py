@@ -64,6 +64,8 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ._files import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 #: Pip package (and pinned version) that ships the GGUF file.
@@ -234,20 +236,6 @@ def _read_marker(model_dir: Path) -> dict[str, Any]:
     return marker
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def _cache_problem(model_dir: Path, *, full: bool) -> str | None:
     """Return why ``model_dir`` is not a valid converted cache, or None if it is.
 
@@ -297,7 +285,7 @@ def _cache_problem(model_dir: Path, *, full: bool) -> str | None:
             refreshed = True
     if refreshed:
         try:
-            _write_json_atomic(model_dir / MARKER_FILENAME, marker)
+            write_json_atomic(model_dir / MARKER_FILENAME, marker)
         except OSError as exc:  # read-only cache: fine, we just re-hash next time
             logger.debug("Could not refresh mtimes in %s: %s", model_dir / MARKER_FILENAME, exc)
     return None
@@ -433,7 +421,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
         "converted_with": {"transformers": transformers.__version__, "torch": torch.__version__},
         "files": files,
     }
-    _write_json_atomic(out_dir / MARKER_FILENAME, marker)
+    write_json_atomic(out_dir / MARKER_FILENAME, marker)
     (out_dir / MARKER_FILENAME).chmod(0o666 & ~umask)
 
 

@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +62,8 @@ from safetensors.torch import save_file
 
 from .data import ConversationCollator, DataSummary, DistillationData
 from .training import target_features
+
+from ._files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -157,21 +158,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP_MARK}", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _write_shard_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
@@ -368,7 +354,7 @@ def build_feature_store(
     def save_manifest() -> None:
         manifest["shards"] = [done[k] for k in sorted(done)]
         manifest["complete"] = len(done) == len(plan)
-        _write_json_atomic(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest, indent=1, tmp_prefix=f".{manifest_path.name}{_TMP_MARK}")
 
     save_manifest()
     bar = tqdm(total=total_tokens, initial=total_tokens - todo_tokens, unit="tok", unit_scale=True,

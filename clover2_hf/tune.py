@@ -45,7 +45,6 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,6 +55,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
+from ._files import write_json_atomic
 from .configuration_clover2 import Clover2Config
 from .decoding import _PreNormCapture, _target_mask_kwargs
 from .embedded import cache_root
@@ -161,15 +161,7 @@ def save_tuned_settings(result: TuneResult, target, cache_dir: str | os.PathLike
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": _FORMAT_VERSION, "entries": entries}, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, {"version": _FORMAT_VERSION, "entries": entries}, tmp_prefix=".tuning-")
     return path
 
 

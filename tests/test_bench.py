@@ -6,12 +6,8 @@ import json
 import statistics
 
 import pytest
-import torch
-from conftest import make_tiny_target
-from tokenizers import Tokenizer, decoders, pre_tokenizers
-from tokenizers import models as tokenizer_models
-from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from conftest import BYTE_VOCAB as VOCAB
+from conftest import byte_chat_tokenizer, make_tiny_target
 
 from clover2_hf import Clover2ForDrafting
 from clover2_hf import bench
@@ -28,33 +24,7 @@ from clover2_hf.bench import (
 )
 from clover2_hf.cli import main
 
-VOCAB = 259  # 3 special tokens + 256 bytes
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def byte_chat_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (ids 3..258 = bytes) with a ChatML template, for tiny random targets."""
-    vocab = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    vocab.update({ch: 3 + b for b, ch in bytes_to_unicode().items()})
-    tok = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<pad>")
-    fast.chat_template = CHATML
-    return fast
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

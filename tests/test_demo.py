@@ -8,36 +8,15 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_target
+from conftest import BYTE_VOCAB as VOCAB
+from conftest import byte_chat_tokenizer, make_tiny_target
 from drafters import train_on_own_outputs
-from tokenizers import Tokenizer, decoders, pre_tokenizers
-from tokenizers import models as tokenizer_models
-from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from clover2_hf import Clover2Stats
 from clover2_hf.cli import _shipped_drafter, main
 from clover2_hf.demo import DraftHighlightStreamer, labels_from_stats
 
-VOCAB = 259
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    vocab.update({ch: 3 + b for b, ch in bytes_to_unicode().items()})
-    tok = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<pad>")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
@@ -56,7 +35,7 @@ def test_bracket_rendering_follows_tree_passes():
     """Tree mode puts one token per call; tokens_per_step grows just before each bonus token."""
     stats = Clover2Stats(mode="tree")
     out = io.StringIO()
-    streamer = DraftHighlightStreamer(byte_tokenizer(), stats, stream=out, style="brackets")
+    streamer = DraftHighlightStreamer(byte_chat_tokenizer(), stats, stream=out, style="brackets")
     streamer.put(torch.tensor([_ids("prompt")]))  # the prompt: not shown
     streamer.put(torch.tensor(_ids("a")))  # prefill token: the target's
     for drafted, bonus in [("bc", "d"), ("", "e"), ("fgh", "i")]:
@@ -73,7 +52,7 @@ def test_bracket_rendering_follows_tree_passes():
 def test_chain_chunks_mark_all_but_the_last_token():
     stats = Clover2Stats(mode="chain")
     out = io.StringIO()
-    streamer = DraftHighlightStreamer(byte_tokenizer(), stats, stream=out, style="ansi")
+    streamer = DraftHighlightStreamer(byte_chat_tokenizer(), stats, stream=out, style="ansi")
     for chunk in ["prompt", "a", "bcd", "e"]:
         streamer.put(torch.tensor([_ids(chunk)]))
     streamer.end()
@@ -83,7 +62,7 @@ def test_chain_chunks_mark_all_but_the_last_token():
 @pytest.mark.parametrize("mode", ["tree", "chain"])
 def test_live_labels_match_the_decoding_stats(mode):
     target, draft, prompts = trained_pair()
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_chat_tokenizer()
     draft.config.decoding = mode
     drafted = 0
     try:

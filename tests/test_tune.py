@@ -24,16 +24,10 @@ from clover2_hf.tune import (
     tuning_file,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BUDGETS = (4, 8, 12, 16, 24, 32, 48, 64, 96)
 TOP_KS = (2, 4, 6, 8, 10)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
