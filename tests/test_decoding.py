@@ -333,10 +333,10 @@ def test_tree_sampling_reproduces_plain_sampling_with_the_same_seed():
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", MODES)
 def test_greedy_identical_across_attention_kernels_and_dtypes(attn, dtype, mode):
-    """Tree masks are additive floats, so eager (which adds the mask) and sdpa agree; bf16 targets too."""
+    """Tree masks are additive floats, so eager (which adds the mask) and sdpa agree; bf16 and fp16 too."""
     target = make_tiny_target("llama", seed=7, peaked=True).to(dtype)
     target.set_attn_implementation(attn)
     draft = Clover2ForDrafting.from_target(target).eval()
