@@ -114,7 +114,7 @@ def load_questions(
             The message starts with `<file>:<line>:`.
     """
     if path is None:
-        resource = importlib.resources.files("clover2_hf").joinpath("resources/mt_bench_questions.jsonl")
+        resource = default_questions_path()
         name = str(resource)
         try:
             text = resource.read_text(encoding="utf-8")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 from transformers import AutoModel
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
+from clover2_hf.bench import load_questions
 
 SHIPPED = Path(__file__).resolve().parents[1] / "hub_configs" / "clover2-smollm2-135m-instruct"
 
@@ -26,14 +25,8 @@ def target_and_draft():
 
 
 def _mt_bench_first_turns(n: int) -> list[str]:
-    text = resources.files("clover2_hf").joinpath("resources/mt_bench_questions.jsonl").read_text()
-    questions = [json.loads(line) for line in text.splitlines() if line.strip()]
-    seen, picked = set(), []
-    for q in questions:  # one question per category first
-        if q["category"] not in seen:
-            seen.add(q["category"])
-            picked.append(q["turns"][0])
-    return picked[:n]
+    """The first turn of the first question of each MT-Bench category."""
+    return [q.turns[0] for q in load_questions(per_category=1)][:n]
 
 
 @pytest.mark.parametrize("mode", ["tree", "chain"])
