@@ -1,4 +1,4 @@
-"""The `clover2` command: `clover2 train`, `clover2 features`, `clover2 demo`, `clover2 bench`, `clover2 tune`."""
+"""The `clover2` command: `clover2 train`, `clover2 self-distill`, `clover2 features`, `clover2 demo`, `clover2 bench`, `clover2 tune`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-conversations", type=int, default=None)
     p.add_argument("--max-eval-examples", type=int, default=200, help="held-out conversations evaluated")
     p.add_argument("--draft-vocab-size", type=int, default=None, help="truncate the heads to the N most frequent tokens")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from this saved drafter (e.g. a stage-1 OUTPUT/final) instead of the target's init")
     p.add_argument("--num-draft-depths", type=int, default=5)
     p.add_argument("--num-augmenting-layers", type=int, default=2)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -118,6 +120,37 @@ def _demo_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--style", default="auto", choices=["auto", "ansi", "brackets", "none"],
                    help="how accepted draft tokens are marked (auto: colour on a terminal, else [brackets])")
+
+
+def _self_distill_parser(sub) -> None:
+    p = sub.add_parser("self-distill", help="let the target answer the data's prompts (training data in its own words)")
+    p.add_argument("--output", required=True, help="ShareGPT-format JSONL; appended to and resumed when it exists")
+    p.add_argument("--target", default=None, help="Hub id or local dir of the target (default: embedded SmolLM2)")
+    p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL whose first user turns are answered "
+                                                 "(default: ShareGPT wheel)")
+    p.add_argument("--max-prompts", type=int, default=None, help="first N usable prompts of the data")
+    p.add_argument("--max-prompt-tokens", type=int, default=384, help="longer prompts are skipped")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (tokens)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--bf16", action="store_true", help="run the target in bf16")
+    p.add_argument("--max-hours", type=float, default=None, help="stop after the batch that passes this wall time")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _self_distill(args) -> None:
+    import torch
+
+    from .recipes import _local_device, load_target
+    from .selfdistill import generate_answers
+
+    target, tokenizer = load_target(args.target, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    target.to(_local_device())
+    summary = generate_answers(
+        target, tokenizer, args.output, args.data, max_prompts=args.max_prompts,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        max_hours=args.max_hours, progress=not args.no_progress,
+    )
+    print(summary)
 
 
 def _int_list(text: str | None, default):
@@ -241,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clover2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _self_distill_parser(sub)
     _features_parser(sub)
     _bench_parser(sub)
     _tune_parser(sub)
@@ -253,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: v for k, v in vars(args).items() if k != "command"}
         argv = sys.argv[1:] if argv is None else argv
         train(TrainRecipe(**options, command=shlex.join(["clover2", *argv])))
+    elif args.command == "self-distill":
+        _self_distill(args)
     elif args.command == "features":
         from .features import FeatureRecipe, build_features
 

@@ -43,6 +43,7 @@ class TrainRecipe:
     eval_fraction: float = 0.05
     max_eval_examples: int = 200
     draft_vocab_size: int | None = None
+    init_from: str | None = None
     num_draft_depths: int = 5
     num_augmenting_layers: int = 2
     epochs: float = 1.0
@@ -96,8 +97,14 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
         overrides["draft_vocab_size"] = recipe.draft_vocab_size
     if recipe.target is None:
         overrides["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    draft = Clover2ForDrafting.from_target(target, **overrides)
-    if recipe.draft_vocab_size:
+    if recipe.init_from:
+        draft = _drafter_to_continue(recipe, target)
+    else:
+        # float32 master weights whatever the target's dtype: `--bf16` is autocast compute. Pure bf16
+        # weights would lose every AdamW update below bf16's resolution (~0.4% of a weight), e.g.
+        # lr 1e-3 steps on the identity-initialised cells and FC layers.
+        draft = Clover2ForDrafting.from_target(target, **overrides).to(torch.float32)
+    if recipe.draft_vocab_size and not recipe.init_from:
         # a feature store yields its token ids without reading hidden states
         token_source = data.train.token_examples() if hasattr(data.train, "token_examples") else data.train
         counts = token_frequencies(token_source, draft.config.vocab_size)
@@ -157,6 +164,23 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
     return draft
 
 
+def _drafter_to_continue(recipe: TrainRecipe, target) -> Clover2ForDrafting:
+    """The drafter saved in `recipe.init_from`, attached to `target`, in float32 (the optimizer's copy).
+
+    Its architecture and draft vocabulary are kept: options that would change them are refused."""
+    draft = Clover2ForDrafting.from_pretrained(recipe.init_from, dtype=torch.float32)
+    cfg = draft.config
+    wanted = {"num_draft_depths": recipe.num_draft_depths, "num_augmenting_layers": recipe.num_augmenting_layers}
+    if recipe.draft_vocab_size:
+        wanted["draft_vocab_size"] = recipe.draft_vocab_size
+    clashes = [f"--{k.replace('_', '-')} {v} (the drafter has {getattr(cfg, k)})"
+               for k, v in wanted.items() if getattr(cfg, k) != v]
+    if clashes:
+        raise ValueError(f"--init-from {recipe.init_from}: " + "; ".join(clashes) + ". Leave these options out or "
+                         "match the drafter being continued.")
+    return draft.to(target.device).attach_target(target)
+
+
 class _WallClockLimit(TrainerCallback):
     """Stops training (after saving a checkpoint) once `hours` of wall time have passed."""
 
@@ -185,6 +209,8 @@ def _results_text(recipe: TrainRecipe, data, metrics: dict, seconds: float, step
         f"{len(data.train)} train / {len(data.eval)} eval conversations, max {recipe.max_length} tokens",
         f"- optimizer steps: {steps}; wall time {seconds / 3600:.2f} h",
     ]
+    if recipe.init_from:
+        lines.insert(3, f"- continued from the drafter in `{recipe.init_from}`")
     if recipe.features:
         lines.insert(3, f"- target features: precomputed store `{recipe.features}` "
                         f"({data.train.manifest['dtype']} hidden states)")

@@ -25,7 +25,7 @@ def train_on_own_outputs(target, steps: int = 150, seqs: int = 24, length: int =
     """A drafter fitted (cross-entropy at every depth) to the target's greedy continuations."""
     g = torch.Generator().manual_seed(seed)
     vocab = target.config.vocab_size
-    prompts = torch.randint(3, vocab, (seqs, 4), generator=g)
+    prompts = torch.randint(3, vocab, (seqs, 4), generator=g).to(target.device)
     with torch.no_grad():
         rows = [target.generate(p[None], max_new_tokens=length, do_sample=False, min_new_tokens=length)[0]
                 for p in prompts]
