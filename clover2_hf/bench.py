@@ -542,6 +542,7 @@ def run_benchmark(
         "tree_top_k": draft.config.tree_top_k if draft is not None else None,
         "num_draft_depths": draft.config.num_draft_depths if draft is not None else None,
         "dtype": str(target.dtype).removeprefix("torch."),
+        "draft_dtype": str(draft.dtype).removeprefix("torch.") if draft is not None else None,
         "device": _device_name(device),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

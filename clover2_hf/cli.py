@@ -79,6 +79,8 @@ def _model_args(p, draft_help: str) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="target/drafter dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="drafter dtype (auto: bfloat16 on CPUs with bf16 matrix instructions, else the target's)")
 
 
 def _bench_parser(sub) -> None:
@@ -175,12 +177,15 @@ def _load_models(args, draft_required: bool):
         target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = target.to(device).eval()
+    from .tune import default_draft_dtype
+
+    draft_dtype = default_draft_dtype(device, dtype) if args.draft_dtype == "auto" else getattr(torch, args.draft_dtype)
     draft_path = args.draft or _shipped_drafter()
     if draft_path is None:
         if draft_required:
             raise SystemExit(f"--draft is required ({_SHIPPED_DRAFTER} holds no trained weights yet)")
-        return target, tokenizer, Clover2ForDrafting.from_target(target).eval(), True
-    draft = Clover2ForDrafting.from_pretrained(draft_path, dtype=dtype).to(device).eval()
+        return target, tokenizer, Clover2ForDrafting.from_target(target).to(draft_dtype).eval(), True
+    draft = Clover2ForDrafting.from_pretrained(draft_path, dtype=draft_dtype).to(device).eval()
     return target, tokenizer, draft.attach_target(target), False
 
 

@@ -333,17 +333,31 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
         return F.embedding(token_ids.to(weight.device), weight).to(self.fc1.weight.device, self.fc1.weight.dtype)
 
     def head_logits(self, head_states: torch.Tensor) -> torch.Tensor:
-        """lm_head(o): [..., H] -> [..., V_draft] logits (V_draft = V unless a draft vocabulary is set)."""
-        head = self.target_head
-        weight = head.weight
-        if self.d2t is not None:
-            if self._draft_head_weight is None or self._draft_head_weight.device != weight.device:
-                self._draft_head_weight = weight[self.d2t.to(weight.device)]
-            weight = self._draft_head_weight
-        bias = getattr(head, "bias", None)
-        if bias is not None and self.d2t is not None:
-            bias = bias[self.d2t.to(bias.device)]
+        """lm_head(o): [..., H] -> [..., V_draft] logits (V_draft = V unless a draft vocabulary is set).
+
+        The head runs in the lower of the drafter's and the target's precisions: a bf16 drafter of a
+        float32 target scores with a bf16 copy of the head's rows (cached; on CPUs with bf16 matrix
+        instructions that is several times faster than float32), while a float32 drafter trained against
+        a bf16 target reads the bf16 head as it is (no float32 copy of a large head).
+        """
+        weight, bias = self._head_weight_and_bias()
         return F.linear(head_states.to(weight.device, weight.dtype), weight, bias)
+
+    def _head_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self.target_head
+        weight, bias = head.weight, getattr(head, "bias", None)
+        dtype = self.fc1.weight.dtype
+        cast = torch.finfo(dtype).bits < torch.finfo(weight.dtype).bits
+        if self.d2t is None and not cast:
+            return weight, bias
+        wanted = dtype if cast else weight.dtype
+        cached = self._draft_head_weight
+        if cached is None or cached.device != weight.device or cached.dtype != wanted:
+            rows = weight.detach() if self.d2t is None else weight.detach()[self.d2t.to(weight.device)]
+            cached = self._draft_head_weight = rows.to(wanted)  # [V_draft, H]
+        if bias is not None:
+            bias = (bias if self.d2t is None else bias[self.d2t.to(bias.device)]).to(wanted)
+        return cached, bias
 
     def draft_to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Map indices into the draft logits to target token ids (identity without a draft vocabulary)."""

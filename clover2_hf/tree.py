@@ -84,8 +84,8 @@ def build_tree(
     """Grow a draft tree by cumulative path probability (the dynamic tree), or along `static_paths`.
 
     Dynamic: at each depth the `top_k` best nodes of that depth (by cumulative log-probability) are
-    expanded into their `top_k` most likely children; after `max_depth` depths the `budget` best
-    nodes overall are kept. Path scores never increase along a path, and ties are broken by depth,
+    expanded into their `top_k` most likely children; after `min(max_depth, budget)` depths the
+    `budget` best nodes overall are kept. Path scores never increase along a path, and ties are broken by depth,
     so the kept set always contains every kept node's ancestors.
 
     Args:
@@ -109,7 +109,10 @@ def build_tree(
     levels = [(ids, scores, torch.full_like(ids, -1))]
     states = root_state.unsqueeze(0).expand(k, -1)
     wanted = None if static_paths is None else {tuple(p) for p in static_paths}
-    for depth in range(1, max_depth):
+    # A kept node at depth d brings its d - 1 ancestors (scores never increase along a path), so no
+    # node deeper than `budget` can be kept: growing the dynamic tree stops there.
+    last_depth = max_depth if wanted is not None else min(max_depth, max(budget, 1))
+    for depth in range(1, last_depth):
         ids, scores, _ = levels[-1]
         if wanted is None:
             width = min(top_k, ids.numel())

@@ -345,3 +345,40 @@ def test_greedy_identical_across_attention_kernels_and_dtypes(attn, dtype, mode)
         ids = torch.randint(3, 160, (1, 6), generator=torch.Generator().manual_seed(seed))
         expected, got, _ = _generate_both(target, draft, mode, ids, max_new_tokens=20)
         assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_drafter_of_a_float32_target_is_lossless(mode):
+    """Only the drafter's precision changes (the CPU default on bf16 hardware): output stays the target's."""
+    target, draft, prompts = trained_pair("llama")
+    low = Clover2ForDrafting.from_target(target)
+    low.load_state_dict(draft.state_dict())
+    low = low.to(torch.bfloat16).eval()
+    forwards = []
+    for i in range(6):
+        expected, got, stats = _generate_both(target, low, mode, prompts[i : i + 1], max_new_tokens=24)
+        assert torch.equal(expected, got)
+        forwards.append(stats.target_forwards < stats.new_tokens)
+    assert any(forwards)  # its drafts are accepted too
+
+
+def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypatch):
+    from clover2_hf.decoding import _CpuVerifyLinears, _wide_linear_forward
+
+    layer = torch.nn.Linear(24, 40)
+    for q in (1, 2, 5, 17):
+        x = torch.randn(1, q, 24)
+        torch.testing.assert_close(_wide_linear_forward(layer, x), layer(x), rtol=1e-5, atol=1e-6)
+    target, draft, prompts = trained_pair("llama")
+    draft.config.decoding = "tree"
+    seen = []
+    monkeypatch.setattr(
+        "clover2_hf.decoding._wide_linear_forward",
+        lambda self, x: seen.append(x.shape[-2]) or torch.nn.functional.linear(x, self.weight, self.bias),
+    )
+    expected, got, _ = _generate_both(target, draft, "tree", prompts[:1], max_new_tokens=12)
+    assert torch.equal(expected, got)
+    assert seen and min(seen) > 1  # the verification passes (q > 1 tokens) went through it
+    assert not any("forward" in m.__dict__ for m in target.modules())  # restored after generate
+    monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "0")
+    assert _CpuVerifyLinears(target).modules == []

@@ -192,3 +192,33 @@ def test_automodel_builds_from_config():
     config = Clover2Config(text_config=tiny_target_config("qwen2").to_dict(), num_draft_depths=3)
     model = AutoModel.from_config(config)
     assert isinstance(model, Clover2ForDrafting)
+
+
+def test_head_runs_in_the_lower_precision_of_drafter_and_target():
+    target = make_tiny_target("llama")  # float32
+    draft = Clover2ForDrafting.from_target(target, draft_vocab_size=40).eval()
+    draft.set_draft_vocab(torch.arange(100, 140))
+    states = torch.randn(3, target.config.hidden_size)
+    reference = draft.head_logits(states)
+    assert reference.dtype == torch.float32
+    draft.to(torch.bfloat16)  # a bf16 drafter of a float32 target scores with a bf16 copy of the head rows
+    low = draft.head_logits(states)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=0.05, rtol=0.05)
+    assert target.lm_head.weight.dtype == torch.float32  # the target is untouched
+    # a float32 drafter (training master weights) of a bf16 target reads the bf16 head as is: no float32 copy
+    target16 = make_tiny_target("llama").to(torch.bfloat16)
+    trainee = Clover2ForDrafting.from_target(target16).to(torch.float32)
+    assert trainee.head_logits(states).dtype == torch.bfloat16
+    assert trainee._draft_head_weight is None
+
+
+def test_default_draft_dtype(monkeypatch):
+    import clover2_hf.tune as tune
+
+    monkeypatch.setattr(tune, "cpu_has_bf16_matmul", lambda: True)
+    assert tune.default_draft_dtype("cpu", torch.float32) == torch.bfloat16
+    assert tune.default_draft_dtype("cuda", torch.float32) == torch.float32
+    assert tune.default_draft_dtype("cpu", torch.float16) == torch.float16
+    monkeypatch.setattr(tune, "cpu_has_bf16_matmul", lambda: False)
+    assert tune.default_draft_dtype("cpu", torch.float32) == torch.float32

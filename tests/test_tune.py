@@ -173,7 +173,9 @@ def test_measured_tune_end_to_end():
     target, draft, prompts = trained_pair()
     result = tune(target, draft, prompts, budgets=[2, 4, 8], top_ks=[1, 2], max_new_tokens=16, repeats=2)
     assert (result.budget, result.top_k) in {(b, k) for b in (2, 4, 8) for k in (1, 2)}
-    assert 1 in result.verify_time_s and set(result.draft_time_s) == {1, 2}
+    # budgets below the 5 draft depths grow fewer depths, so their drafting is timed apart
+    assert 1 in result.verify_time_s
+    assert set(result.draft_time_s) == {"1", "2", "1@budget2", "2@budget2", "1@budget4", "2@budget4"}
     assert all(t > 0 for t in [*result.verify_time_s.values(), *result.draft_time_s.values()])
     best = max(result.grid, key=lambda g: g["tokens_per_s"])
     assert (best["budget"], best["top_k"]) == (result.budget, result.top_k)

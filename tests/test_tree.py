@@ -1,0 +1,58 @@
+"""The dynamic draft tree: which nodes are kept, and how much of the tree is grown."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clover2_hf.tree import build_tree
+
+V, H = 30, 8
+
+
+def _expand_counter():
+    """A deterministic stand-in for the drafter's head: log-probs depend on the state and the token."""
+    calls = []
+    proj = torch.randn(H, V, generator=torch.Generator().manual_seed(0))
+    embed = torch.randn(V, H, generator=torch.Generator().manual_seed(1))
+
+    def expand(states, ids):
+        calls.append(ids.numel())
+        new_states = torch.tanh(states + embed[ids])
+        return torch.log_softmax(3 * new_states @ proj, dim=-1), new_states
+
+    return expand, calls
+
+
+def _paths(tree) -> dict[tuple[int, ...], float]:
+    """token path from the root -> cumulative score, for every node of the tree."""
+    parents = [0] + tree.parents.tolist()
+    tokens = [tree.root_token] + tree.tokens.tolist()
+    out = {}
+    for node in range(1, tree.num_nodes + 1):
+        path, i = [], node
+        while i != 0:
+            path.append(tokens[i])
+            i = parents[i]
+        out[tuple(reversed(path))] = float(tree.scores[node - 1])
+    return out
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("budget", [1, 2, 3, 4, 6, 12])
+def test_kept_nodes_are_the_best_and_ancestor_closed_and_depth_is_capped(budget, top_k):
+    root_state = torch.randn(H, generator=torch.Generator().manual_seed(2))
+    first = torch.log_softmax(torch.randn(V, generator=torch.Generator().manual_seed(3)), dim=-1)
+    depths = 5
+    expand, _ = _expand_counter()
+    full = _paths(build_tree(7, first, expand, root_state, depths, top_k, budget=10_000))
+    expand, calls = _expand_counter()
+    tree = build_tree(7, first, expand, root_state, depths, top_k, budget=budget)
+    kept = _paths(tree)
+    # the best `budget` nodes of the fully grown tree (parents first on equal scores)
+    best = sorted(full, key=lambda p: (-full[p], len(p)))[:budget]
+    assert set(kept) == set(best)
+    assert all(path[:-1] in kept or len(path) == 1 for path in kept)  # ancestor-closed
+    # no depth beyond the budget is grown: depths 2..min(N, budget) need one head step each
+    assert len(calls) == min(depths, budget) - 1
+    assert int(tree.depths.max()) <= min(depths, budget)
