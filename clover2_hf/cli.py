@@ -1,4 +1,4 @@
-"""The `clover2` command: `clover2 train`, `clover2 self-distill`, `clover2 features`, `clover2 demo`, `clover2 bench`, `clover2 tune`."""
+"""The `clover2` command: `clover2 train`, `clover2 self-distill`, `clover2 evaluate`, `clover2 features`, `clover2 demo`, `clover2 bench`, `clover2 tune`."""
 
 from __future__ import annotations
 
@@ -155,6 +155,34 @@ def _self_distill(args) -> None:
     print(summary)
 
 
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="per-depth accuracy of a saved drafter on held-out conversations")
+    p.add_argument("--draft", required=True, help="the drafter's directory")
+    p.add_argument("--target", default=None, help="Hub id or local dir of the target (default: embedded SmolLM2)")
+    p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL; its held-out split is scored "
+                                                 "(default: ShareGPT wheel)")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (truncated)")
+    p.add_argument("--max-eval-examples", type=int, default=200, help="held-out conversations scored")
+    p.add_argument("--bf16", action="store_true", help="bf16 target and autocast drafter")
+    p.add_argument("--output", default=None, help="also write the metrics as JSON here")
+
+
+def _evaluate(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .recipes import evaluate_drafter
+
+    metrics = evaluate_drafter(args.draft, args.target, args.data, max_length=args.max_length,
+                               max_eval_examples=args.max_eval_examples, bf16=args.bf16)
+    depths = sorted({int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("eval_top1_")})
+    print("depth  " + "  ".join(f"{d:>6d}" for d in depths))
+    for name in ("top1", "top5"):
+        print(f"{name:<6} " + "  ".join(f"{metrics[f'eval_{name}_{d}']:>6.3f}" for d in depths))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
 def _int_list(text: str | None, default):
     return default if text is None else [int(v) for v in text.split(",") if v.strip()]
 
@@ -280,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _self_distill_parser(sub)
+    _evaluate_parser(sub)
     _features_parser(sub)
     _bench_parser(sub)
     _tune_parser(sub)
@@ -294,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         train(TrainRecipe(**options, command=shlex.join(["clover2", *argv])))
     elif args.command == "self-distill":
         _self_distill(args)
+    elif args.command == "evaluate":
+        _evaluate(args)
     elif args.command == "features":
         from .features import FeatureRecipe, build_features
 

@@ -164,6 +164,30 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
     return draft
 
 
+def evaluate_drafter(draft_dir: str, target: str | None = None, data: str | None = None, *, max_length: int = 1024,
+                     max_eval_examples: int = 200, eval_fraction: float = 0.05, bf16: bool = False,
+                     batch_size: int = 1) -> dict[str, float]:
+    """Per-depth top-1 / top-5 accuracy and loss of a saved drafter on the held-out split of `data`.
+
+    The split is `data.split_of`'s, the same one `train` holds out, so a drafter trained on `data` is
+    scored on conversations it never saw. Returns the Trainer's `eval_*` metrics (token-weighted means).
+    """
+    import tempfile
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    target_model, tokenizer = load_target(target, dtype=dtype)
+    target_model.to(_local_device())
+    examples = build_examples(tokenizer, data, max_length=max_length, eval_fraction=eval_fraction)
+    draft = Clover2ForDrafting.from_pretrained(draft_dir, dtype=torch.float32).to(target_model.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=batch_size, bf16=bf16,
+                                 use_cpu=target_model.device.type == "cpu", remove_unused_columns=False,
+                                 report_to=[], dataloader_num_workers=0)
+        trainer = Clover2Trainer(model=draft, args=args, eval_dataset=examples.eval[:max_eval_examples],
+                                 data_collator=ConversationCollator.from_tokenizer(tokenizer), target=target_model)
+        return trainer.evaluate()
+
+
 def _drafter_to_continue(recipe: TrainRecipe, target) -> Clover2ForDrafting:
     """The drafter saved in `recipe.init_from`, attached to `target`, in float32 (the optimizer's copy).
 

@@ -115,3 +115,20 @@ def test_bf16_training_keeps_float32_master_weights_and_init_from_continues(tmp_
     with pytest.raises(ValueError, match="--num-draft-depths 3 .*has 2"):
         train(TrainRecipe(output_dir=str(tmp_path / "stage3"), init_from=str(tmp_path / "stage1" / "final"),
                           **{**common, "num_draft_depths": 3}))
+
+
+def test_clover2_evaluate_scores_the_held_out_split(tmp_path, monkeypatch, capsys):
+    from clover2_hf.cli import main
+    from clover2_hf.recipes import TrainRecipe, train
+
+    target = make_tiny_target("llama")
+    _stub_training(monkeypatch, target)
+    train(TrainRecipe(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, grad_accum=1, warmup_steps=0,
+                      logging_steps=1, eval_steps=100, save_steps=100, num_draft_depths=2))
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--draft", str(tmp_path / "run" / "final"), "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"eval_top1_0", "eval_top1_1", "eval_top5_0", "eval_loss"} <= set(metrics)
+    assert 0.0 <= metrics["eval_top1_0"] <= metrics["eval_top5_0"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "top1" in printed and f"{metrics['eval_top1_1']:.3f}" in printed
