@@ -309,6 +309,16 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
             )
         return self._target_head
 
+    def get_input_embeddings(self) -> None:
+        """None: the drafter owns no embedding (E is the target's head, borrowed at run time).
+
+        Frameworks that look for embeddings to tie or wrap (accelerate's FSDP preparation) skip it."""
+        return None
+
+    def get_output_embeddings(self) -> None:
+        """None: the drafter's output head is the target's, borrowed at run time (see `target_head`)."""
+        return None
+
     @property
     def is_attached(self) -> bool:
         return self._target_head is not None

@@ -152,14 +152,17 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
     resume = recipe.resume and any(Path(recipe.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     metrics = trainer.evaluate() if eval_set else {}
-    draft = trainer.model
+    # Every process takes part in gathering the full state dict (FSDP shards it); the main one saves a
+    # plain copy of the drafter in the save dtype, so the trained model itself is never cast.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    draft = trainer.accelerator.unwrap_model(trainer.model)
     final = Path(recipe.output_dir) / "final"
-    command = recipe.command
     card = _results_text(recipe, data, metrics, time.time() - start, trainer.state.global_step)
     if trainer.is_world_process_zero():
-        save_dtype = getattr(torch, recipe.save_dtype)
-        draft.to(save_dtype).save_pretrained(final, training_command=command, extra_text=card)
-        draft.to(torch.float32)
+        copy = Clover2ForDrafting(draft.config)
+        copy.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()})
+        copy.to(getattr(torch, recipe.save_dtype)).save_pretrained(final, training_command=recipe.command,
+                                                                   extra_text=card)
         logger.info("saved drafter to %s", final)
     return draft
 

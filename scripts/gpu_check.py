@@ -9,7 +9,8 @@ What it checks, each on tiny random targets built here (no downloads):
 3. training: `clover2_hf.recipes.train` on CUDA with `--bf16` (float32 master weights, autocast),
    loss going down, checkpoint reloads with `AutoModel` and decodes identically;
 4. `device_map="auto"` loading of target and drafter, then identical greedy decoding;
-5. `accelerate launch --mixed_precision bf16` of examples/train_clover2.py on one GPU;
+5. `accelerate launch --mixed_precision bf16` of examples/train_clover2.py on one GPU, and with
+   examples/accelerate_fsdp.yaml (FSDP v2, one process); the saved drafter must reload whole;
 6. the benchmark (`run_benchmark`) on CUDA: complete result, identical outputs;
 7. per-phase costs at SmolLM2-135M's shape (random weights, bf16): one drafting phase (8192-token and
    full vocabulary heads) and one verification forward over q tokens.
@@ -170,8 +171,10 @@ def device_map_auto():
             "new_tokens": stats.new_tokens}
 
 
-@check("accelerate_launch_bf16")
-def accelerate_launch():
+def _launch_example(launch_args: list[str]) -> dict:
+    """`accelerate launch <launch_args> examples/train_clover2.py` on a tiny target; the drafter must reload."""
+    from transformers import AutoModel
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokenizer = byte_chat_tokenizer()
@@ -183,7 +186,7 @@ def accelerate_launch():
                 f.write(json.dumps({"id": f"c{i}", "conversations": [
                     {"from": "human", "value": f"What is {i} plus {i}?"},
                     {"from": "gpt", "value": f"The answer is {2 * i}. " * (1 + i % 3)}]}) + "\n")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16",
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args,
                str(ROOT / "examples" / "train_clover2.py"), "--output-dir", str(tmp / "run"),
                "--target", str(tmp / "target"), "--data", str(tmp / "chats.jsonl"), "--max-steps", "6",
                "--grad-accum", "1", "--max-length", "96", "--save-steps", "6", "--eval-steps", "6",
@@ -191,7 +194,24 @@ def accelerate_launch():
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                                 env=dict(os.environ, HF_HUB_OFFLINE="1"))
         ok = result.returncode == 0 and (tmp / "run" / "final" / "model.safetensors").exists()
-        return {"ok": ok, "returncode": result.returncode, "stderr_tail": result.stderr[-1500:] if not ok else ""}
+        details = {"returncode": result.returncode, "stderr_tail": "\n".join(l for l in result.stderr.splitlines() if l.startswith("[rank0]:"))[-5000:] if not ok else ""}
+        if ok:  # a full (unsharded) drafter state dict was saved
+            loaded = AutoModel.from_pretrained(tmp / "run" / "final")
+            fresh = Clover2ForDrafting.from_target(target)
+            details["params"] = sum(p.numel() for p in loaded.parameters())
+            ok = details["params"] == sum(p.numel() for p in fresh.parameters())
+        return {"ok": ok, **details}
+
+
+@check("accelerate_launch_bf16")
+def accelerate_launch():
+    return _launch_example(["--num_processes", "1", "--mixed_precision", "bf16"])
+
+
+@check("accelerate_launch_fsdp")
+def accelerate_launch_fsdp():
+    """examples/accelerate_fsdp.yaml (FSDP v2) on the one GPU there is."""
+    return _launch_example(["--config_file", str(ROOT / "examples" / "accelerate_fsdp.yaml"), "--num_processes", "1"])
 
 
 @check("bench_cuda")
@@ -247,9 +267,10 @@ def main() -> None:
         ARCHS, DTYPES = ("llama",), (torch.float32,)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
-    checks = [greedy_identical, sampling, trainer_bf16, device_map_auto, accelerate_launch, bench, timing]
+    checks = [greedy_identical, sampling, trainer_bf16, device_map_auto, accelerate_launch, accelerate_launch_fsdp,
+              bench, timing]
     names = ["greedy_identical", "sampling_reproduces_plain", "trainer_bf16_cuda", "device_map_auto",
-             "accelerate_launch_bf16", "bench_cuda", "timing_smollm2_shape"]
+             "accelerate_launch_bf16", "accelerate_launch_fsdp", "bench_cuda", "timing_smollm2_shape"]
     wanted = set(args.only.split(",")) if args.only else set(names)
     import transformers
 
