@@ -22,8 +22,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--draft-vocab-size", type=int, default=None, help="truncate the heads to the N most frequent tokens")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from this saved drafter (e.g. a stage-1 OUTPUT/final) instead of the target's init")
-    p.add_argument("--num-draft-depths", type=int, default=5)
-    p.add_argument("--num-augmenting-layers", type=int, default=2)
+    p.add_argument("--num-draft-depths", type=int, default=None, help="heads N (default 5, or the --init-from drafter's)")
+    p.add_argument("--num-augmenting-layers", type=int, default=None,
+                   help="augmenting decoder layers (default 2, or the --init-from drafter's)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=int, default=1, help="conversations per device per micro-batch")
@@ -163,7 +164,7 @@ def _evaluate_parser(sub) -> None:
                                                  "(default: ShareGPT wheel)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (truncated)")
     p.add_argument("--max-eval-examples", type=int, default=200, help="held-out conversations scored")
-    p.add_argument("--bf16", action="store_true", help="bf16 target and autocast drafter")
+    p.add_argument("--bf16", action="store_true", help="bf16 target (the drafter runs in float32)")
     p.add_argument("--output", default=None, help="also write the metrics as JSON here")
 
 

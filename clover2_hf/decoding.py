@@ -155,12 +155,16 @@ class _CpuVerifyLinears:
         ]
 
     def __enter__(self) -> None:
-        for module in self.modules:
+        # a module whose forward is already replaced on the instance (accelerate's device / offload
+        # hooks) is left alone, so nothing of anyone else's is overwritten or removed
+        self._patched = [m for m in self.modules if "forward" not in m.__dict__]
+        for module in self._patched:
             module.forward = _wide_linear_forward.__get__(module)
 
     def __exit__(self, *exc) -> None:
-        for module in self.modules:
+        for module in self._patched:
             module.__dict__.pop("forward", None)
+        self._patched = []
 
 
 def _sync(device: torch.device) -> None:

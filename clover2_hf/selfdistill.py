@@ -68,7 +68,7 @@ def _done_ids(path: Path) -> set[str]:
         with open(path, "r+b") as handle:
             handle.truncate(keep)
     done = set()
-    for line in raw[:keep].decode("utf-8").splitlines():
+    for line in raw[:keep].split(b"\n"):  # not str.splitlines: answers may hold U+2028 and friends
         if line.strip():
             done.add(str(json.loads(line)["id"]))
     return done
@@ -136,7 +136,8 @@ def generate_answers(
         prompts.append((conversation.id, messages, list(ids)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = target.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    eos_ids.discard(None)
     group = batch_size * 8
     bar = None
     if progress:
@@ -179,6 +180,8 @@ def generate_answers(
             if bar is not None:
                 bar.update(len(batch))
             if max_hours is not None and time.time() - start > max_hours * 3600:
+                if bar is not None:
+                    bar.close()
                 summary.seconds = time.time() - start
                 logger.info("self-distillation stopped by --max-hours: %s", summary)
                 return summary

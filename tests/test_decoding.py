@@ -380,5 +380,12 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
     assert torch.equal(expected, got)
     assert seen and min(seen) > 1  # the verification passes (q > 1 tokens) went through it
     assert not any("forward" in m.__dict__ for m in target.modules())  # restored after generate
+    # a forward already replaced on the instance (accelerate's hooks do that) is neither used nor removed
+    layer = target.lm_head
+    hooked = layer.forward = lambda x: torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with _CpuVerifyLinears(target):
+        assert layer.forward is hooked
+    assert layer.__dict__["forward"] is hooked
+    del layer.forward
     monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "0")
     assert _CpuVerifyLinears(target).modules == []

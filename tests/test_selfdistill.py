@@ -69,6 +69,16 @@ def test_resume_skips_answered_ids_and_drops_a_torn_line(target_and_tokenizer, t
     assert all(json.loads(line) for line in lines)
 
 
+def test_resume_reads_answers_holding_unicode_line_separators(target_and_tokenizer, tmp_path):
+    from clover2_hf.selfdistill import _done_ids
+
+    out = tmp_path / "answers.jsonl"
+    record = {"id": "u1", "conversations": [{"from": "human", "value": "q"},
+                                           {"from": "gpt", "value": "one\u2028two\u2029three\x85four"}]}
+    out.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert _done_ids(out) == {"u1"}
+
+
 def test_long_prompts_are_skipped_and_counted(target_and_tokenizer, tmp_path, one_thread):
     target, tokenizer = target_and_tokenizer
     chats = _chats(3)
@@ -112,12 +122,18 @@ def test_bf16_training_keeps_float32_master_weights_and_init_from_continues(tmp_
     fresh = Clover2ForDrafting.from_target(target.float(), num_draft_depths=2)
     assert not torch.equal(fresh.fc1.weight, saved.fc1.weight)  # so the equality above is not the init's
     assert "continued from the drafter" in (tmp_path / "stage2" / "final" / "README.md").read_text()
+    # sizes not given again are taken from the drafter being continued (it has 2 depths, not the default 5)
+    third = train(TrainRecipe(output_dir=str(tmp_path / "stage2b"), init_from=str(tmp_path / "stage1" / "final"),
+                              **{k: v for k, v in common.items() if k != "num_draft_depths"}))
+    assert third.config.num_draft_depths == 2
     with pytest.raises(ValueError, match="--num-draft-depths 3 .*has 2"):
         train(TrainRecipe(output_dir=str(tmp_path / "stage3"), init_from=str(tmp_path / "stage1" / "final"),
                           **{**common, "num_draft_depths": 3}))
 
 
 def test_clover2_evaluate_scores_the_held_out_split(tmp_path, monkeypatch, capsys):
+    from clover2_hf.recipes import evaluate_drafter
+
     from clover2_hf.cli import main
     from clover2_hf.recipes import TrainRecipe, train
 
@@ -132,3 +148,5 @@ def test_clover2_evaluate_scores_the_held_out_split(tmp_path, monkeypatch, capsy
     assert 0.0 <= metrics["eval_top1_0"] <= metrics["eval_top5_0"] <= 1.0
     printed = capsys.readouterr().out
     assert "top1" in printed and f"{metrics['eval_top1_1']:.3f}" in printed
+    with pytest.raises(ValueError, match="no held-out conversations"):
+        evaluate_drafter(str(tmp_path / "run" / "final"), max_eval_examples=0)
