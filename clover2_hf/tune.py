@@ -58,9 +58,9 @@ from transformers.cache_utils import DynamicCache
 
 from ._files import write_json_atomic
 from .configuration_clover2 import Clover2Config
-from .decoding import _CpuVerifyLinears, _PreNormCapture, _target_mask_kwargs
+from .decoding import _CpuVerifyLinears, _grow_tree, _PreNormCapture, _target_mask_kwargs
 from .embedded import cache_root
-from .tree import DraftTree, build_tree
+from .tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -309,29 +309,6 @@ def measure_verify_time(target, num_tokens: Sequence[int], context_length: int =
 def tree_nodes(top_k: int, num_depths: int) -> int:
     """Nodes the dynamic tree generates before the budget cut: k + (N - 1) k^2."""
     return top_k + (num_depths - 1) * top_k * top_k
-
-
-def _expand_fn(draft):
-    def expand(states: torch.Tensor, draft_ids: torch.Tensor):
-        out, new_states = draft.head_step(states, draft.draft_to_target_ids(draft_ids))
-        return torch.log_softmax(draft.head_logits(out).float(), dim=-1), new_states
-
-    return expand
-
-
-def _grow_tree(draft, root_token: int, root_state: torch.Tensor, top_k: int, budget: int) -> DraftTree:
-    """Head depth 0 + `build_tree` from an augmented state c_t [H], as tree decoding does."""
-    head0, _ = draft.head_step(root_state[None])
-    return build_tree(
-        root_token=root_token,
-        first_logprobs=torch.log_softmax(draft.head_logits(head0).float(), dim=-1)[0],
-        expand=_expand_fn(draft),
-        root_state=root_state,
-        max_depth=draft.config.num_draft_depths,
-        top_k=top_k,
-        budget=budget,
-        to_target_ids=draft.draft_to_target_ids,
-    )
 
 
 @torch.no_grad()
