@@ -4,7 +4,9 @@ For every question (first turn, optionally both turns) the chat template is appl
 `generate()` runs interleaved with each method in ONE process, so that all timings share the same
 machine state:
 
-* ``"clover2-tree"``: Clover-2 tree decoding (`draft.config.decoding = "tree"`);
+* ``"clover2-tree"``: Clover-2 tree decoding (`draft.config.decoding = "tree"`), with the drafter's
+  config as it is (by default its tree carries a prompt-lookup path, `tree_lookup_tokens`);
+* ``"clover2-tree-nolookup"``: the same with `tree_lookup_tokens = 0`: the drafter's tree alone;
 * ``"clover2-chain"``: Clover-2 top-1 chain through transformers' assisted decoding (`"chain"`);
 * ``"prompt-lookup"``: transformers' prompt lookup decoding (`prompt_lookup_num_tokens=`);
 * ``"assisted"``: transformers' assisted generation with a smaller model sharing the tokenizer.
@@ -67,9 +69,14 @@ __all__ = [
 ]
 
 BASELINE = "plain"
-CLOVER2_METHODS = {"clover2-tree": "tree", "clover2-chain": "chain"}
-METHODS = ("clover2-tree", "clover2-chain", "prompt-lookup", "assisted")
-DEFAULT_METHODS = ("clover2-tree", "clover2-chain", "prompt-lookup")
+# Clover-2 methods: the drafter config fields each one sets for its runs (restored afterwards)
+CLOVER2_METHODS = {
+    "clover2-tree": {"decoding": "tree"},
+    "clover2-tree-nolookup": {"decoding": "tree", "tree_lookup_tokens": 0},
+    "clover2-chain": {"decoding": "chain"},
+}
+METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup", "assisted")
+DEFAULT_METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup")
 OVERALL = "overall"
 _WARMUP_TOKENS = 8
 
@@ -412,8 +419,11 @@ class _Runner:
         kwargs: dict[str, Any] = dict(self.common, max_new_tokens=max_new_tokens,
                                       attention_mask=torch.ones_like(ids))
         stats = None
+        restore: dict[str, Any] = {}
         if method in CLOVER2_METHODS:
-            self.draft.config.decoding = CLOVER2_METHODS[method]
+            for name, value in CLOVER2_METHODS[method].items():
+                restore[name] = getattr(self.draft.config, name)
+                setattr(self.draft.config, name, value)
             stats = Clover2Stats()
             kwargs.update(assistant_model=self.draft, clover2_stats=stats)
         elif method == "prompt-lookup":
@@ -421,12 +431,16 @@ class _Runner:
         elif method == "assisted":
             kwargs.update(assistant_model=self.assistant)
         timing = _time_forwards(self.assistant, self.device) if method == "assisted" else contextlib.nullcontext([None])
-        with torch.no_grad(), _count_forwards(self.target) as forwards, timing as assistant_time:
-            _sync(self.device)
-            t0 = time.perf_counter()
-            out = self.target.generate(ids, **kwargs)
-            _sync(self.device)
-            elapsed = time.perf_counter() - t0
+        try:
+            with torch.no_grad(), _count_forwards(self.target) as forwards, timing as assistant_time:
+                _sync(self.device)
+                t0 = time.perf_counter()
+                out = self.target.generate(ids, **kwargs)
+                _sync(self.device)
+                elapsed = time.perf_counter() - t0
+        finally:
+            for name, value in restore.items():
+                setattr(self.draft.config, name, value)
         if stats is not None:
             draft_time = stats.draft_time_s
         elif method == BASELINE:

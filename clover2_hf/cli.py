@@ -97,7 +97,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--both-turns", action="store_true", help="also run turn 2 (its prompt holds the turn-1 answer)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of clover2-tree,clover2-chain,prompt-lookup,assisted "
+                   help="comma-separated subset of clover2-tree,clover2-tree-nolookup,clover2-chain,prompt-lookup,assisted "
                         "(default: all but assisted, plus assisted with --assistant)")
     p.add_argument("--assistant", default=None, help="smaller same-tokenizer model for the 'assisted' method")
     p.add_argument("--prompt-lookup-num-tokens", type=int, default=10)

@@ -65,6 +65,13 @@ class Clover2Config(PreTrainedConfig):
             Number of draft tokens (tree nodes, root excluded) verified per target forward pass.
         tree_top_k (`int`, defaults to 10):
             Number of children considered per expanded node.
+        tree_lookup_tokens (`int`, defaults to 10):
+            Tree mode: also verify up to this many prompt-lookup tokens per pass (what followed the latest
+            earlier occurrence of the last `tree_lookup_ngram`..2 tokens of prompt + output), merged into
+            the draft tree as one extra path. Costs verification work only on steps that find a match;
+            output is unchanged (every token is still the target's). 0 = off.
+        tree_lookup_ngram (`int`, defaults to 3):
+            Longest context tail (in tokens) searched by the lookup path.
         initializer_range (`float`, defaults to 0.02):
             Std of the normal init of weights that are not initialised from the target.
         init_noise (`float`, defaults to 0.01):
@@ -86,6 +93,8 @@ class Clover2Config(PreTrainedConfig):
     tree_type: Literal["dynamic", "static"] = "dynamic"
     tree_budget: int = 25
     tree_top_k: int = 10
+    tree_lookup_tokens: int = 10
+    tree_lookup_ngram: int = 3
     initializer_range: float = 0.02
     init_noise: float = 0.01
     tie_word_embeddings: bool = False
@@ -110,6 +119,8 @@ class Clover2Config(PreTrainedConfig):
         _check_int("num_augmenting_layers", self.num_augmenting_layers, 1)
         _check_int("tree_budget", self.tree_budget, 1)
         _check_int("tree_top_k", self.tree_top_k, 1)
+        _check_int("tree_lookup_tokens", self.tree_lookup_tokens, 0)
+        _check_int("tree_lookup_ngram", self.tree_lookup_ngram, 2)
         for name in ("regression_loss_weight", "distillation_loss_weight", "init_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -8,7 +8,11 @@ transformers untouched. Two modes, chosen by `draft.config.decoding`:
   (`clover2_hf.tree.build_tree`), the target verifies all of it in ONE forward pass with an additive
   4D tree mask and positions = context length + depth, the longest accepted path plus the target's
   own next ("bonus") token is emitted, the target KV cache is compacted to the accepted path, and the
-  accepted tokens' pre-norm hidden states are fed into the drafter's augmenting-block cache. It runs
+  accepted tokens' pre-norm hidden states are fed into the drafter's augmenting-block cache. Our
+  addition (not in the paper): when the context's last `tree_lookup_ngram`..2 tokens occurred earlier,
+  the tokens that followed them (`lookup_continuation`, up to `tree_lookup_tokens`) are merged into the
+  tree as one more path (`clover2_hf.tree.add_path`); it is verified like any drafted path, so it
+  changes only how many tokens a step may accept, never which. It runs
   as a `generate(custom_generate=...)` callable, so transformers still prepares the generation
   config, logits processors, stopping criteria and cache exactly as for plain decoding.
 * ``"chain"``: a `CandidateGenerator` drafting the top-1 chain (or, when sampling, a chain sampled
@@ -51,7 +55,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .modeling_clover2 import Clover2ForDrafting
-from .tree import STATIC_TREE_PATHS, DraftTree, build_tree, compact_cache, tree_attention_mask
+from .tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_cache, tree_attention_mask
 
 __all__ = ["Clover2Stats", "Clover2ChainCandidateGenerator", "clover2_tree_decode"]
 
@@ -216,6 +220,21 @@ def _target_mask_kwargs(target, cache, tree: DraftTree, past_length: int, dtype:
     return mask_for(0, window)
 
 
+def lookup_continuation(context: list[int], num_tokens: int, max_ngram: int) -> list[int]:
+    """Prompt-lookup guess: the tokens that followed the latest earlier occurrence of the context's tail.
+
+    Tries the last `max_ngram` tokens first, then shorter tails down to 2 tokens (a single-token match
+    is mostly noise and would cost verification work); returns up to `num_tokens` tokens, or [].
+    """
+    length = len(context)
+    for n in range(min(max_ngram, length - 1), 1, -1):
+        tail = context[-n:]
+        for start in range(length - n - 1, -1, -1):  # latest match first; its continuation is non-empty
+            if context[start : start + n] == tail:
+                return context[start + n : start + n + num_tokens]
+    return []
+
+
 def _expand_fn(draft: Clover2ForDrafting):
     def expand(states: torch.Tensor, draft_ids: torch.Tensor):
         out, new_states = draft.head_step(states, draft.draft_to_target_ids(draft_ids))
@@ -320,6 +339,9 @@ def clover2_tree_decode(
             next_ids = input_ids[:, -n_pending:].to(draft_device)
             augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
             tree = _grow_tree(draft, int(token), augmented[0, -1], cfg.tree_top_k, cfg.tree_budget, static_paths)
+            if cfg.tree_lookup_tokens:
+                lookup = lookup_continuation(input_ids[0].tolist(), cfg.tree_lookup_tokens, cfg.tree_lookup_ngram)
+                tree = add_path(tree, lookup) if lookup else tree
             _sync(device)
             t1 = time.perf_counter()
             stats.draft_time_s += t1 - t0

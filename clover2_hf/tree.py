@@ -168,6 +168,33 @@ def build_tree(
     )
 
 
+def add_path(tree: DraftTree, path_tokens: Sequence[int]) -> DraftTree:
+    """`tree` plus a token path from the root (e.g. a prompt-lookup continuation), merged into it.
+
+    The path follows existing nodes while its tokens match a child's and continues as new nodes
+    (appended in path order, so parents still precede children). New nodes get the score -inf: they
+    carry no draft probability. Returns `tree` itself when the whole path is already in it.
+    """
+    children = tree.children()
+    node, depth, rest = 0, 0, list(path_tokens)
+    while rest and int(rest[0]) in children[node]:
+        node = children[node][int(rest.pop(0))]
+        depth += 1
+    if not rest:
+        return tree
+    m, device = tree.num_nodes, tree.tokens.device
+    new_parents = [node] + [m + 1 + i for i in range(len(rest) - 1)]  # verify indices
+    return DraftTree(
+        root_token=tree.root_token,
+        tokens=torch.cat([tree.tokens, torch.tensor(rest, dtype=tree.tokens.dtype, device=device)]),
+        parents=torch.cat([tree.parents, torch.tensor(new_parents, dtype=tree.parents.dtype, device=device)]),
+        depths=torch.cat([tree.depths, torch.arange(depth + 1, depth + 1 + len(rest), dtype=tree.depths.dtype,
+                                                    device=device)]),
+        scores=torch.cat([tree.scores, torch.full((len(rest),), float("-inf"), dtype=tree.scores.dtype,
+                                                  device=tree.scores.device)]),
+    )
+
+
 def _level_paths(levels, static_paths) -> list[tuple[int, ...]]:
     return _all_paths(levels, static_paths)[-1]
 

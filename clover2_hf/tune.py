@@ -30,7 +30,11 @@ Cost model (all times in seconds, measured on the current device, median of `rep
   incremental drafter). tokens_per_step = emitted tokens / steps, summed over prompts.
 
 Overheads that the model leaves out: the host-side tree walk and cache compaction (small, roughly
-proportional to the accepted length) and the prefill.
+proportional to the accepted length) and the prefill. The prompt-lookup path that tree decoding adds
+on top of the drafter's tree (`tree_lookup_tokens`) is left out too: it comes only on steps whose
+context repeats, with its own tokens and verification cost, so the model tunes the drafter's tree
+alone and the lookup path's gain (measured by `clover2 bench`: clover2-tree vs clover2-tree-nolookup)
+comes on top.
 
 The choice is stored per (target, dtype, device) in ``<cache root>/tuning.json`` (cache root:
 ``$CLOVER2_HF_CACHE``, else ``$XDG_CACHE_HOME/clover2_hf``, else ``~/.cache/clover2_hf``), and

@@ -102,9 +102,11 @@ def test_cli_bad_question_file_exits_with_message(tmp_path):
 def result(models):
     target, tokenizer, draft, assistant = models
     draft.config.decoding = "chain"  # run_benchmark must restore whatever it found
+    draft.config.tree_lookup_tokens = 7  # (clover2-tree-nolookup sets it to 0 for its own runs)
     out = run_benchmark(target, tokenizer, draft, three_categories(), METHODS, max_new_tokens=12, both_turns=True,
                         repeats=2, assistant_model=assistant, progress=False)
-    assert draft.config.decoding == "chain"
+    assert draft.config.decoding == "chain" and draft.config.tree_lookup_tokens == 7
+    draft.config.tree_lookup_tokens = 10
     draft.config.decoding = "tree"
     return out
 

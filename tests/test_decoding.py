@@ -14,6 +14,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats
+from clover2_hf.decoding import lookup_continuation
 from clover2_hf.tree import DraftTree, compact_cache, tree_attention_mask
 
 MODES = ("tree", "chain")
@@ -389,3 +390,46 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
     del layer.forward
     monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "0")
     assert _CpuVerifyLinears(target).modules == []
+
+
+def test_lookup_continuation_takes_the_latest_match_of_the_longest_tail():
+    context = [5, 6, 7, 1, 2, 5, 6, 7, 3, 4, 9, 6, 7]
+    assert lookup_continuation(context, 3, max_ngram=3) == [3, 4, 9]  # tail (6, 7): latest earlier match
+    assert lookup_continuation([1, 2, 3, 1, 2, 3], 10, max_ngram=3) == [1, 2, 3]  # tail (1, 2, 3) at 0
+    assert lookup_continuation([1, 2, 3, 4], 5, max_ngram=3) == []  # no repeat of >= 2 tokens
+    assert lookup_continuation([4, 1, 4], 5, max_ngram=3) == []  # single-token matches are ignored
+    assert lookup_continuation([8, 9, 1, 8, 9], 2, max_ngram=2) == [1, 8]
+
+
+@pytest.mark.parametrize("arch", ("llama", "qwen2", "gemma2"))
+def test_lookup_path_is_lossless_and_accepted_on_repetitive_text(arch):
+    """An untrained drafter plus the lookup path: a confident target's greedy output falls into a loop,
+    which the lookup path finds in the context."""
+    target = make_tiny_target(arch, seed=1, peaked=True)
+    draft = Clover2ForDrafting.from_target(target).eval()
+    draft.config.tree_type, draft.config.tree_budget, draft.config.tree_top_k = "dynamic", 3, 2
+    ids = torch.randint(3, 150, (1, 6), generator=torch.Generator().manual_seed(5))
+    draft.config.tree_lookup_tokens = 8
+    expected, got, with_lookup = _generate_both(target, draft, "tree", ids, max_new_tokens=60)
+    assert torch.equal(expected, got)
+    draft.config.tree_lookup_tokens = 0
+    _, got_plain_tree, without = _generate_both(target, draft, "tree", ids, max_new_tokens=60)
+    assert torch.equal(expected, got_plain_tree)
+    assert max(with_lookup.tree_sizes) > 3  # the lookup path was added to the drafted 3 nodes
+    assert max(without.tree_sizes) == 3
+    assert with_lookup.tau > without.tau
+
+
+def test_lookup_path_keeps_seeded_sampling_identical():
+    target, draft = random_pair("llama")
+    draft.config.decoding, draft.config.tree_budget, draft.config.tree_top_k = "tree", 3, 2
+    pattern = torch.randint(3, 150, (5,), generator=torch.Generator().manual_seed(6))
+    ids = pattern.repeat(5)[None]
+    kwargs = dict(do_sample=True, max_new_tokens=30, temperature=0.3)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        plain = target.generate(ids, **kwargs)
+        torch.manual_seed(seed)
+        stats = Clover2Stats()
+        got = target.generate(ids, assistant_model=draft, clover2_stats=stats, **kwargs)
+        assert torch.equal(plain, got)

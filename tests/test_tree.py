@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clover2_hf.tree import build_tree
+from clover2_hf.tree import add_path, build_tree
 
 V, H = 30, 8
 
@@ -56,3 +56,25 @@ def test_kept_nodes_are_the_best_and_ancestor_closed_and_depth_is_capped(budget,
     # no depth beyond the budget is grown: depths 2..min(N, budget) need one head step each
     assert len(calls) == min(depths, budget) - 1
     assert int(tree.depths.max()) <= min(depths, budget)
+
+
+def test_add_path_follows_matching_nodes_and_appends_the_rest():
+    root_state = torch.randn(H, generator=torch.Generator().manual_seed(2))
+    first = torch.log_softmax(torch.randn(V, generator=torch.Generator().manual_seed(3)), dim=-1)
+    expand, _ = _expand_counter()
+    tree = build_tree(7, first, expand, root_state, 5, 2, budget=6)
+    before = _paths(tree)
+    existing = max(before, key=len)  # a drafted path: adding it (or a prefix) changes nothing
+    assert add_path(tree, existing) is tree and add_path(tree, existing[:1]) is tree
+    bigger = add_path(tree, [*existing, 29, 28])  # runs along the drafted path, then 2 new nodes
+    after = _paths(bigger)
+    assert bigger.num_nodes == tree.num_nodes + 2
+    assert {p: s for p, s in after.items() if p in before} == before  # old nodes untouched
+    assert set(after) - set(before) == {(*existing, 29), (*existing, 29, 28)}
+    assert after[(*existing, 29, 28)] == float("-inf")
+    assert bigger.depths[-1] == len(existing) + 2
+    parents = bigger.parents.tolist()
+    assert all(parent <= node for node, parent in enumerate(parents))  # parents precede children
+    fresh = add_path(tree, [27, 26])  # no drafted first token matches: a new branch at the root
+    assert set(_paths(fresh)) - set(before) == {(27,), (27, 26)}
+    assert add_path(tree, []) is tree

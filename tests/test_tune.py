@@ -153,8 +153,10 @@ def test_corrupt_tuning_file_is_ignored_then_replaced():
 
 
 def test_replayed_acceptance_matches_real_tree_decoding():
-    """The calibration replay predicts the tokens per step that generate() then really gets."""
+    """The calibration replay predicts the tokens per step that generate() then really gets (the drafter's
+    tree alone: the prompt-lookup path is not part of the replay)."""
     target, draft, prompts = trained_pair()
+    draft.config.tree_lookup_tokens = 0
     settings = [(2, 1), (4, 2), (8, 2), (16, 4)]
     predicted = measure_tokens_per_step(target, draft, prompts, [b for b, _ in settings], [1, 2, 4], max_new_tokens=32)
     for b, k in settings:
@@ -166,7 +168,7 @@ def test_replayed_acceptance_matches_real_tree_decoding():
             emitted, steps = emitted + sum(stats.tokens_per_step), steps + len(stats.tokens_per_step)
         assert predicted[(b, k)] == pytest.approx(emitted / steps, rel=0.03), (b, k)
     assert predicted[(16, 4)] > 2.0  # the drafter is good enough for the check to mean something
-    draft.config.tree_budget, draft.config.tree_top_k = 25, 10
+    draft.config.tree_budget, draft.config.tree_top_k, draft.config.tree_lookup_tokens = 25, 10, 10
 
 
 def test_measured_tune_end_to_end():
