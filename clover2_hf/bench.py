@@ -502,7 +502,6 @@ def run_benchmark(
     runner = _Runner(target, tokenizer, draft, assistant_model, prompt_lookup_num_tokens)
     device = target.device
     all_methods = [BASELINE, *methods]
-    saved_decoding = draft.config.decoding if draft is not None else None
     records: list[RunRecord] = []
     turns_used = [min(len(q.turns), 2 if both_turns else 1) for q in questions]
     total = sum(turns_used) * len(all_methods) * repeats
@@ -536,9 +535,7 @@ def run_benchmark(
                 answer = tokenizer.decode(reference, skip_special_tokens=True)
                 messages.append({"role": "assistant", "content": answer})
     finally:
-        bar.close()
-        if draft is not None:
-            draft.config.decoding = saved_decoding
+        bar.close()  # (each Clover-2 run restores the drafter config fields it set)
 
     settings = {
         "target": getattr(target, "name_or_path", "") or target.config.model_type,
@@ -553,6 +550,8 @@ def run_benchmark(
         "repeats": repeats,
         "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
         "tree_budget": draft.config.tree_budget if draft is not None else None,
+        "tree_lookup_tokens": draft.config.tree_lookup_tokens if draft is not None else None,
+        "tree_lookup_ngram": draft.config.tree_lookup_ngram if draft is not None else None,
         "tree_top_k": draft.config.tree_top_k if draft is not None else None,
         "num_draft_depths": draft.config.num_draft_depths if draft is not None else None,
         "dtype": str(target.dtype).removeprefix("torch."),

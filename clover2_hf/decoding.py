@@ -339,8 +339,10 @@ def clover2_tree_decode(
             next_ids = input_ids[:, -n_pending:].to(draft_device)
             augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
             tree = _grow_tree(draft, int(token), augmented[0, -1], cfg.tree_top_k, cfg.tree_budget, static_paths)
-            if cfg.tree_lookup_tokens:
-                lookup = lookup_continuation(input_ids[0].tolist(), cfg.tree_lookup_tokens, cfg.tree_lookup_ngram)
+            room = gc.max_length - input_ids.shape[1]  # tokens that can still be emitted
+            if cfg.tree_lookup_tokens and room > 0:
+                lookup = lookup_continuation(input_ids[0].tolist(), min(cfg.tree_lookup_tokens, room),
+                                             cfg.tree_lookup_ngram)
                 tree = add_path(tree, lookup) if lookup else tree
             _sync(device)
             t1 = time.perf_counter()

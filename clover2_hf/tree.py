@@ -230,7 +230,7 @@ def tree_attention_mask(
     Keys are the layer's visible cached positions `kv_offset .. past_length - 1` followed by the M + 1
     tree tokens; the tree token at verify index i has absolute position `past_length + depth_i`.
     A query attends a cached key when within the sliding window (if any), and a tree key when it is
-    itself or an ancestor. 0 means attend, `finfo(dtype).min` means blocked: an additive float mask
+    itself or an ancestor (and within the window). 0 means attend, `finfo(dtype).min` means blocked: an additive float mask
     is correct under both eager and sdpa attention (a bool mask is silently wrong under eager).
     """
     device = tree.tokens.device
@@ -240,9 +240,12 @@ def tree_attention_mask(
     n_ctx = kv_length - q  # cached keys visible to this layer
     ctx_pos = kv_offset + torch.arange(n_ctx, device=device)
     allowed_ctx = torch.ones(q, n_ctx, dtype=torch.bool, device=device)
+    allowed_tree = tree.ancestor_matrix()  # [q, q]
     if sliding_window is not None:
         allowed_ctx &= (query_pos[:, None] - ctx_pos[None, :]) < sliding_window
-    allowed = torch.cat([allowed_ctx, tree.ancestor_matrix()], dim=1)
+        # a path deeper than the window (a long lookup path) must not see its oldest ancestors either
+        allowed_tree &= (query_pos[:, None] - query_pos[None, :]) < sliding_window
+    allowed = torch.cat([allowed_ctx, allowed_tree], dim=1)
     mask = torch.zeros(q, kv_length, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]

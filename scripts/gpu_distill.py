@@ -7,7 +7,7 @@ shipped weights on all self-distilled answers (`clover2_hf.recipes.train`). Both
 code that `clover2 self-distill` and `clover2 train --init-from` run; this script only chains them
 with one wall-clock budget and packs the results into files small enough to copy back.
 
-    python scripts/gpu_distill.py --prompts prompts.jsonl --answers answers.jsonl \
+    python scripts/gpu_distill.py --prompts prompts.jsonl.gz --answers answers.jsonl.gz \
         --distill-minutes 2.5 --train-minutes 4 --train-steps 1200 --out OUT
 
 `--probe` instead trains a few steps against a RANDOM target of the embedded target's shape (built
@@ -128,6 +128,10 @@ def main() -> None:
     p.add_argument("--logging-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.probe and not args.target_files:
+        p.error("--probe needs --target-files (the target's config.json and tokenizer files)")
+    if not args.probe and not args.prompts:
+        p.error("--prompts is required (gzipped JSONL of conversations whose first user turns are answered)")
     args.argv = sys.argv[1:]
     (probe if args.probe else run)(args)
 

@@ -5,7 +5,7 @@ On that text the script measures
   * teacher-forced top-1 per depth: the drafter's argmax at depth i from position t (given the true
     tokens up to x_{t+1+i}) against the target's argmax for x_{t+2+i}, answer positions only (the
     quantity `clover2 evaluate` reports on held-out training data);
-  * decoding acceptance: Clover-2 tree decoding with budget 1 / top-k 1 (depth 0 only: the fraction of
+  * decoding acceptance: Clover-2 tree decoding (lookup path off) with budget 1 / top-k 1 (depth 0 only: the fraction of
     steps whose draft is accepted) and with budget N / top-k 1 (a chain: P(accepted >= d) and tau);
 and checks that both decodings return plain `generate()`'s tokens. Depth-0 acceptance well below the
 teacher-forced depth-0 top-1 would point at a train/inference mismatch (hidden states, positions,
@@ -41,8 +41,9 @@ def teacher_forced_hits(target, draft, ids: torch.Tensor, prompt_len: int) -> tu
     length = ids.shape[1]
     hits, counts = torch.zeros(depths), torch.zeros(depths)
     for depth in range(depths):
-        # depth i at t guesses x_{t+2+i}; the target's own choice for it is target_next[t+1+i]
-        positions = torch.arange(prompt_len - 1, length - 1 - depth)
+        # depth i at t guesses x_{t+2+i}; the target's own choice for it is target_next[t+1+i], an
+        # answer token only while t + 2 + i <= length - 1
+        positions = torch.arange(prompt_len - 1, length - 2 - depth)
         if positions.numel():
             hits[depth] = (predicted[depth, positions] == target_next[positions + 1 + depth]).sum()
             counts[depth] = positions.numel()
@@ -60,6 +61,7 @@ def main() -> None:
 
     target, tokenizer = load_default_target(dtype=torch.float32)
     draft = Clover2ForDrafting.from_pretrained(args.draft, dtype=torch.float32).eval().attach_target(target)
+    draft.config.tree_lookup_tokens = 0  # the drafter alone: no prompt-lookup path in the tree
     depths = draft.config.num_draft_depths
     hits, counts = torch.zeros(depths), torch.zeros(depths)
     accepted = {1: [], depths: []}  # accepted draft tokens per step, budget 1 and a chain of `depths`

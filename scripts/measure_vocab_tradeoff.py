@@ -61,6 +61,7 @@ def main() -> None:
                                    max_eval_examples=100, bf16=True)
         draft = Clover2ForDrafting.from_pretrained(out_dir / "final", dtype=torch.bfloat16).attach_target(target).eval()
         draft.config.tree_budget, draft.config.tree_top_k = args.tree_budget, args.tree_top_k
+        draft.config.tree_lookup_tokens = 0  # the drafter's tree alone: the comparison is about the drafter
         draft_ms = 1e3 * measure_draft_time(draft, [args.tree_top_k], repeats=9, budget=args.tree_budget)[args.tree_top_k]
         bench = run_benchmark(target, tokenizer, draft, questions, ["clover2-tree"],
                               max_new_tokens=args.max_new_tokens, progress=False)

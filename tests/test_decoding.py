@@ -15,7 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats
 from clover2_hf.decoding import lookup_continuation
-from clover2_hf.tree import DraftTree, compact_cache, tree_attention_mask
+from clover2_hf.tree import DraftTree, add_path, compact_cache, tree_attention_mask
 
 MODES = ("tree", "chain")
 LOSSLESS_ARCHS = ("llama", "qwen2", "mistral", "gemma2")
@@ -263,6 +263,34 @@ def test_tree_mask_is_additive_float():
     ]
 
 
+def test_tree_mask_applies_the_sliding_window_inside_a_deep_path():
+    tree = DraftTree(7, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long),
+                     torch.tensor([], dtype=torch.long), torch.zeros(0))
+    tree = add_path(tree, list(range(20, 30)))  # a 10-deep chain, as a long lookup path makes
+    mask = tree_attention_mask(tree, past_length=5, kv_length=16, kv_offset=0, dtype=torch.float32,
+                               sliding_window=4)
+    visible = (mask[0, 0] == 0).tolist()
+    # query at verify index i sits at position 5 + i and sees keys at positions > 5 + i - 4
+    for i in range(11):
+        expected = [5 + i - p < 4 for p in range(5)] + [j <= i and i - j < 4 for j in range(11)]
+        assert visible[i] == expected, i
+
+
+@pytest.mark.parametrize("arch", ("mistral", "gemma2"))
+def test_lookup_path_deeper_than_the_sliding_window_is_lossless(arch):
+    """The tiny configs' window is 8 tokens; lookup paths of up to 12 tokens reach past it."""
+    target = make_tiny_target(arch, seed=1, peaked=True)
+    draft = Clover2ForDrafting.from_target(target).eval()
+    draft.config.tree_budget, draft.config.tree_top_k, draft.config.tree_lookup_tokens = 2, 2, 12
+    deep = 0
+    for seed in range(4):
+        ids = torch.randint(3, 150, (1, 5), generator=torch.Generator().manual_seed(seed))
+        expected, got, stats = _generate_both(target, draft, "tree", ids, max_new_tokens=60)
+        assert torch.equal(expected, got), seed
+        deep += sum(size >= 2 + 9 for size in stats.tree_sizes)  # a lookup chain of >= 9 tokens
+    assert deep > 0, "no lookup path reached past the window"
+
+
 # ----------------------------------------------------------------------------- bad input & stock paths
 
 
@@ -426,6 +454,7 @@ def test_lookup_path_keeps_seeded_sampling_identical():
     pattern = torch.randint(3, 150, (5,), generator=torch.Generator().manual_seed(6))
     ids = pattern.repeat(5)[None]
     kwargs = dict(do_sample=True, max_new_tokens=30, temperature=0.3)
+    used = 0
     for seed in range(3):
         torch.manual_seed(seed)
         plain = target.generate(ids, **kwargs)
@@ -433,3 +462,5 @@ def test_lookup_path_keeps_seeded_sampling_identical():
         stats = Clover2Stats()
         got = target.generate(ids, assistant_model=draft, clover2_stats=stats, **kwargs)
         assert torch.equal(plain, got)
+        used += max(stats.tree_sizes) > 3
+    assert used, "the lookup path was never added"

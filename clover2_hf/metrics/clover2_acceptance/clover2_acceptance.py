@@ -33,8 +33,10 @@ _KWARGS_DESCRIPTION = """
 Args:
     accepted_lengths (`list` of `list` of `int`): one list per generation, holding the number of
         draft tokens accepted by each verification pass (e.g. `Clover2Stats.accepted_depths`).
-    max_depth (`int`, *optional*): the drafter's depth N; histogram and per-depth lists then have
-        N + 1 and N entries. Defaults to the largest accepted count observed (at least 1).
+    max_depth (`int`, *optional*): the most draft tokens one pass can accept (the drafter's depth N,
+        plus `tree_lookup_tokens` when the tree carries a lookup path); histogram and per-depth lists
+        then have max_depth + 1 and max_depth entries. Defaults to the largest accepted count observed
+        (at least 1).
 Returns:
     num_steps (`int`): verification passes counted.
     mean_accepted (`float`): mean accepted draft tokens per pass.
