@@ -230,8 +230,9 @@ def tree_attention_mask(
     Keys are the layer's visible cached positions `kv_offset .. past_length - 1` followed by the M + 1
     tree tokens; the tree token at verify index i has absolute position `past_length + depth_i`.
     A query attends a cached key when within the sliding window (if any), and a tree key when it is
-    itself or an ancestor (and within the window). 0 means attend, `finfo(dtype).min` means blocked: an additive float mask
-    is correct under both eager and sdpa attention (a bool mask is silently wrong under eager).
+    itself or an ancestor (and within the window). 0 means attend, `finfo(dtype).min` means blocked:
+    an additive float mask is correct under both eager and sdpa attention (a bool mask is silently
+    wrong under eager).
     """
     device = tree.tokens.device
     q = tree.num_nodes + 1

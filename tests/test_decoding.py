@@ -44,6 +44,16 @@ def _generate_both(target, draft, mode, ids, **kwargs):
     return expected, got, stats
 
 
+def _sample_both(target, draft, ids, seed: int, **kwargs):
+    """Plain seeded sampling and Clover-2 sampling from the same seed: (plain, got, stats)."""
+    torch.manual_seed(seed)
+    plain = target.generate(ids, do_sample=True, **kwargs)
+    torch.manual_seed(seed)
+    stats = Clover2Stats()
+    got = target.generate(ids, do_sample=True, assistant_model=draft, clover2_stats=stats, **kwargs)
+    return plain, got, stats
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", LOSSLESS_ARCHS + ("qwen3", "gemma"))
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -350,13 +360,8 @@ def test_tree_sampling_reproduces_plain_sampling_with_the_same_seed():
     target, draft, prompts = trained_pair("llama")
     draft.config.decoding = "tree"
     for i in range(4):
-        ids = prompts[i : i + 1]
-        kwargs = dict(do_sample=True, max_new_tokens=30, temperature=0.8, top_k=20)
-        torch.manual_seed(i)
-        plain = target.generate(ids, **kwargs)
-        torch.manual_seed(i)
-        stats = Clover2Stats()
-        got = target.generate(ids, assistant_model=draft, clover2_stats=stats, **kwargs)
+        plain, got, stats = _sample_both(target, draft, prompts[i : i + 1], i, max_new_tokens=30,
+                                         temperature=0.8, top_k=20)
         assert torch.equal(plain, got)
         assert stats.target_forwards < stats.new_tokens
 
@@ -453,14 +458,9 @@ def test_lookup_path_keeps_seeded_sampling_identical():
     draft.config.decoding, draft.config.tree_budget, draft.config.tree_top_k = "tree", 3, 2
     pattern = torch.randint(3, 150, (5,), generator=torch.Generator().manual_seed(6))
     ids = pattern.repeat(5)[None]
-    kwargs = dict(do_sample=True, max_new_tokens=30, temperature=0.3)
     used = 0
     for seed in range(3):
-        torch.manual_seed(seed)
-        plain = target.generate(ids, **kwargs)
-        torch.manual_seed(seed)
-        stats = Clover2Stats()
-        got = target.generate(ids, assistant_model=draft, clover2_stats=stats, **kwargs)
+        plain, got, stats = _sample_both(target, draft, ids, seed, max_new_tokens=30, temperature=0.3)
         assert torch.equal(plain, got)
         used += max(stats.tree_sizes) > 3
     assert used, "the lookup path was never added"
