@@ -62,7 +62,7 @@ from transformers.cache_utils import DynamicCache
 
 from ._files import write_json_atomic
 from .configuration_clover2 import Clover2Config
-from .decoding import _CpuVerifyLinears, _grow_tree, _PreNormCapture, _target_mask_kwargs
+from .decoding import _CpuMaskedGqa, _CpuVerifyLinears, _grow_tree, _PreNormCapture, _target_mask_kwargs
 from .embedded import cache_root
 from .tree import DraftTree
 
@@ -290,7 +290,7 @@ def measure_verify_time(target, num_tokens: Sequence[int], context_length: int =
         cache.activate_past_recording()
     target(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
     past = cache.get_seq_length()
-    linears = _CpuVerifyLinears(target)
+    linears, gqa = _CpuVerifyLinears(target), _CpuMaskedGqa(target)
     out: dict[int, float] = {}
     for q in sorted(set(int(n) for n in num_tokens)):
         if q < 1:
@@ -301,7 +301,7 @@ def measure_verify_time(target, num_tokens: Sequence[int], context_length: int =
         def step(tree=tree, tokens=tokens, q=q) -> None:
             depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
             mask = _target_mask_kwargs(target, cache, tree, past, target.dtype)
-            with linears if q > 1 else contextlib.nullcontext():  # as tree decoding runs it
+            with linears if q > 1 else contextlib.nullcontext(), gqa:  # as tree decoding runs it
                 target(input_ids=tokens, attention_mask=mask, position_ids=(past + depths)[None], cache=cache,
                        use_cache=True)
             cache.crop(-q)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -423,6 +424,42 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
     del layer.forward
     monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "0")
     assert _CpuVerifyLinears(target).modules == []
+
+
+def test_cpu_masked_gqa_keeps_outputs_sets_the_switch_only_inside_and_respects_the_user(monkeypatch):
+    from clover2_hf.decoding import _FORCE_GQA_ENV, _CpuMaskedGqa
+
+    monkeypatch.delenv(_FORCE_GQA_ENV, raising=False)
+    target, draft, prompts = trained_pair("llama")  # 4 query heads over 2 key/value heads
+    assert target.config._attn_implementation == "sdpa"
+    draft.config.decoding = "tree"
+    switch_seen = []
+    forward = target.model.layers[0].self_attn.forward
+
+    def spy(*args, **kwargs):
+        switch_seen.append(os.environ.get(_FORCE_GQA_ENV))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(target.model.layers[0].self_attn, "forward", spy)
+    for i in range(2):
+        expected, got, _ = _generate_both(target, draft, "tree", prompts[i : i + 1], max_new_tokens=12)
+        assert torch.equal(expected, got)
+    assert "1" in switch_seen and None in switch_seen  # on in verification passes, off in plain decoding
+    assert _FORCE_GQA_ENV not in os.environ  # restored after generate
+    # the masked GQA call gives the logits the repeated-heads call gives
+    ids = prompts[:1]
+    mask = torch.tril(torch.ones(ids.shape[-1], ids.shape[-1], dtype=torch.bool))[None, None]
+    with torch.no_grad():
+        plain_logits = target(input_ids=ids, attention_mask=mask).logits
+        with _CpuMaskedGqa(target):
+            gqa_logits = target(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(gqa_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(_FORCE_GQA_ENV, "0")  # a value the user set is left alone
+    with _CpuMaskedGqa(target):
+        assert os.environ[_FORCE_GQA_ENV] == "0"
+    assert os.environ[_FORCE_GQA_ENV] == "0"
+    monkeypatch.setenv("CLOVER2_HF_CPU_GQA", "0")
+    assert not _CpuMaskedGqa(target).enabled
 
 
 def test_lookup_continuation_takes_the_latest_match_of_the_longest_tail():
