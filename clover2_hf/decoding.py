@@ -183,7 +183,9 @@ class _CpuMaskedGqa:
     mask together with `enable_gqa=True` (the same query-to-key head mapping as `repeat_kv`), and
     transformers reads its switch `TRANSFORMERS_SDPA_FORCE_GQA` at every attention call. Inside
     `with self:` that switch is set, only when every target weight is on the CPU and the target uses
-    SDPA, and never over a value the user set. Whole verification forwards (ms, context 150, min of 3 x
+    SDPA, and never over a value the user set. The switch is an environment variable, so while a pass
+    runs it also applies to masked SDPA calls of other threads (on CUDA they would take the slower math
+    kernel, with the same results). Whole verification forwards (ms, context 150, min of 3 x
     median of 5, `tune.measure_verify_time`, switch off / on): q = 5: 75.2 / 70.3; q = 9: 87.4 / 83.4;
     q = 1 unchanged. Set `CLOVER2_HF_CPU_GQA=0` to switch it off.
     """
