@@ -1,0 +1,170 @@
+"""Where does one Clover-2 tree step spend its time? Per-phase wall time and host-device syncs.
+
+Written for the open GPU question (README "Results"): on an H200 the SmolLM2 tree step cost 61-63 ms
+while its parts, timed alone by `clover2 tune`, cost ~6 ms (drafting) + ~21 ms (verification). This
+script runs tree decoding once and times each phase of every step by wrapping the functions the loop
+calls (nothing in the package is changed):
+
+  draft.augment      the augmenting block over the newly verified positions
+  draft.grow_tree    head depths + tree build (`decoding._grow_tree`)
+  draft.lookup       the prompt-lookup search and its merge into the tree
+  verify.mask        the tree attention mask
+  verify.forward     the target's forward passes (prefill included: 1 of the passes)
+  accept.compact     keeping the accepted path in the target's KV cache
+  other              everything else in `generate` (tree walk, logits processors, bookkeeping)
+
+With `--sync` (default on CUDA) the device is synchronised at every phase boundary, so a phase's time
+includes its own queued kernels (not the next phase's); on CUDA, host-device syncs made inside each
+phase are counted with `torch.cuda.set_sync_debug_mode`. No download: the target is the embedded
+SmolLM2 (`--target embedded`) or, by default, a target with random weights built from the drafter's
+`text_config` (same shapes and costs; the drafts are then rarely accepted, which changes tau, not what
+a step costs).
+
+    python scripts/profile_tree_step.py --draft hub_configs/clover2-smollm2-135m-instruct --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+import warnings
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import clover2_hf.decoding as decoding
+from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
+
+PHASES = ("draft.augment", "draft.grow_tree", "draft.lookup", "verify.mask", "verify.forward", "accept.compact")
+
+
+class _PhaseClock:
+    """Wraps callables so that each call adds its wall time (and syncs) to a named phase."""
+
+    def __init__(self, device: torch.device, sync: bool) -> None:
+        self.device, self.sync = device, sync and device.type == "cuda"
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.syncs: collections.Counter[str] = collections.Counter()
+        self._active: str | None = None
+
+    def wrap(self, fn, phase: str):
+        def timed(*args, **kwargs):
+            if self._active is not None:  # nested (e.g. lookup inside another phase): count once
+                return fn(*args, **kwargs)
+            if self.sync:
+                torch.cuda.synchronize(self.device)
+            self._active = phase
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = fn(*args, **kwargs)
+                if self.sync:  # outside the catch: this sync is the clock's, not the phase's
+                    torch.cuda.synchronize(self.device)
+            finally:
+                self._active = None
+            self.seconds[phase] += time.perf_counter() - t0
+            self.calls[phase] += 1
+            self.syncs[phase] += sum("synchroniz" in str(w.message) for w in caught)
+            for w in caught:
+                if "synchroniz" not in str(w.message):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return out
+
+        return timed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--draft", default="hub_configs/clover2-smollm2-135m-instruct")
+    p.add_argument("--target", default="random", help="'random' (weights from the drafter's text_config) or 'embedded'")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="target dtype (default: float32 on CPU, bfloat16 on CUDA); the drafter runs in bf16")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--budget", type=int, help="tree budget (default: the tuned or configured one)")
+    p.add_argument("--top-k", type=int, help="tree top-k (default: the tuned or configured one)")
+    p.add_argument("--no-sync", action="store_true", help="do not synchronise CUDA at phase boundaries")
+    p.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    draft = Clover2ForDrafting.from_pretrained(args.draft, dtype=torch.bfloat16)
+    if args.target == "embedded":
+        target, tokenizer = load_default_target(dtype=dtype)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    elif args.target == "random":
+        torch.manual_seed(0)
+        target = AutoModelForCausalLM.from_config(draft.config.text_config).to(dtype)
+        ids = torch.randint(3, target.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    else:
+        p.error("--target must be 'random' or 'embedded'")
+    target.to(device).eval()
+    draft.to(device)
+    ids = ids.to(device)
+
+    clock = _PhaseClock(device, sync=not args.no_sync)
+    wrapped = {
+        (Clover2ForDrafting, "augment"): "draft.augment",
+        (decoding, "_grow_tree"): "draft.grow_tree",
+        (decoding, "lookup_continuation"): "draft.lookup",
+        (decoding, "add_path"): "draft.lookup",
+        (decoding, "_target_mask_kwargs"): "verify.mask",
+        (decoding, "compact_cache"): "accept.compact",
+    }
+    originals = {key: getattr(*key) for key in wrapped}
+    for (owner, name), phase in wrapped.items():
+        setattr(owner, name, clock.wrap(originals[(owner, name)], phase))
+    target.forward = clock.wrap(target.forward, "verify.forward")
+
+    def generate(tokens: int) -> Clover2Stats:
+        import clover2_hf.tune as tune
+
+        apply = tune.apply_tuned_settings
+
+        def settings(d, t):
+            apply(d, t)
+            if args.budget:
+                d.config.tree_budget = args.budget
+            if args.top_k:
+                d.config.tree_top_k = args.top_k
+
+        tune.apply_tuned_settings = settings
+        try:
+            stats = Clover2Stats()
+            with torch.no_grad():
+                target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
+                                assistant_model=draft, clover2_stats=stats, pad_token_id=0)
+            return stats
+        finally:
+            tune.apply_tuned_settings = apply
+
+    generate(8)  # warm-up
+    clock.seconds.clear(), clock.calls.clear(), clock.syncs.clear()
+    if device.type == "cuda" and clock.sync:
+        torch.cuda.set_sync_debug_mode("warn")
+    t0 = time.perf_counter()
+    stats = generate(args.max_new_tokens)
+    total = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
+    steps = stats.target_forwards
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), target "
+          f"{args.target} {str(dtype).split('.')[-1]}, tree budget {draft.config.tree_budget} / top-k "
+          f"{draft.config.tree_top_k}, {stats.new_tokens} tokens, {steps} target passes (tau {stats.new_tokens / steps:.2f}), "
+          f"mean tree {sum(stats.tree_sizes) / max(len(stats.tree_sizes), 1):.1f} nodes")
+    print(f"{'phase':16s} {'ms/step':>8s} {'calls/step':>10s} {'syncs/step':>10s}")
+    for phase in PHASES:
+        print(f"{phase:16s} {1000 * clock.seconds[phase] / steps:8.2f} {clock.calls[phase] / steps:10.2f} "
+              f"{clock.syncs[phase] / steps:10.2f}")
+    other = total - sum(clock.seconds.values())
+    print(f"{'other':16s} {1000 * other / steps:8.2f}")
+    print(f"{'total':16s} {1000 * total / steps:8.2f}   (syncs counted on CUDA only, inside the phases above)")
+
+
+if __name__ == "__main__":
+    main()
