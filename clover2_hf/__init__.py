@@ -9,12 +9,13 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_clover2 import SUPPORTED_TARGET_TYPES, Clover2Config
 from .modeling_clover2 import Clover2ForDrafting, Clover2Output
-from .decoding import Clover2Stats  # installs the generate() hook
+from .decoding import Clover2Stats, _install_generate_hook
 
 __version__ = "0.1.0"
 
 AutoConfig.register(Clover2Config.model_type, Clover2Config, exist_ok=True)
 AutoModel.register(Clover2Config, Clover2ForDrafting, exist_ok=True)
+_install_generate_hook()  # generate(assistant_model=<Clover2ForDrafting>) -> Clover-2 decoding
 
 
 def load_default_target(**kwargs):

@@ -608,6 +608,3 @@ def _install_generate_hook() -> None:
     """Route `generate(assistant_model=<Clover2ForDrafting>)` to Clover-2 decoding (idempotent)."""
     if GenerationMixin.generate is not _generate:
         GenerationMixin.generate = _generate
-
-
-_install_generate_hook()
