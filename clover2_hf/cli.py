@@ -3,9 +3,217 @@
 from __future__ import annotations
 
 import argparse
-import shlex
+import json
 import logging
+import os
+import shlex
 import sys
+from typing import NoReturn
+
+
+# --------------------------------------------------------------------------- user errors, argument types
+
+
+class UsageError(Exception):
+    """An expected user error (bad path, unknown method, ...): `main` prints `clover2 <cmd>: <message>`
+    on one line to stderr and exits with code 2, without a traceback. Anything else keeps its traceback."""
+
+
+class _UsageExit(SystemExit):
+    """SystemExit(2) whose str() is the line printed (tests and callers of `main` can read it)."""
+
+    def __init__(self, line: str):
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _fail(command: str | None, message: str) -> NoReturn:
+    """Print `clover2 <command>: <message>` (one line) to stderr and exit with code 2."""
+    message = " ".join(str(message).split("\n")[0].split())  # one line
+    line = f"clover2 {command}: {message}" if command else f"clover2: {message}"
+    print(line, file=sys.stderr)
+    raise _UsageExit(line)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option's help unless the help already states its default
+    (or the option is a flag or required)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.required or action.default is argparse.SUPPRESS
+                or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))
+                or not action.option_strings):
+            return text
+        shown = "none" if action.default is None else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _max_steps(text: str) -> int:
+    """-1 (use --epochs) or a step count >= 1."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or (value < 1 and value != -1):
+        raise argparse.ArgumentTypeError(f"expected -1 (use --epochs) or an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _positive_int_list(text: str) -> list[int]:
+    """argparse type: "4,8,16" -> [4, 8, 16]; every value an integer >= 1, at least one."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+# Options some parsers declare as plain int/str: `main` checks them after parsing, by destination.
+_POSITIVE_INTS = ("num_prompts", "max_new_tokens", "repeats", "context_length", "num_questions", "per_category",
+                  "batch_size")
+_POSITIVE_INT_LISTS = ("budgets", "top_ks")
+
+
+def _check_numbers(parser: argparse.ArgumentParser, args) -> None:
+    """argparse-style error (usage + one line, exit 2) for bad values of options parsed without a check."""
+    for dest in _POSITIVE_INTS:
+        value = getattr(args, dest, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            parser.error(f"argument --{dest.replace('_', '-')}: expected an integer >= 1, got '{value}'")
+    for dest in _POSITIVE_INT_LISTS:
+        value = getattr(args, dest, None)
+        if isinstance(value, str):
+            try:
+                _positive_int_list(value)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"argument --{dest.replace('_', '-')}: {exc}")
+
+
+# --------------------------------------------------------------------------- path / model checks
+
+_LOCAL_PATHS = {"data": "file", "questions": "file", "features": "dir"}  # dest -> what must exist
+_MODEL_REFS = {"target": "model", "assistant": "model", "draft": "drafter", "init_from": "drafter"}
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _looks_local(value: str) -> bool:
+    """A value that cannot be a Hub id (`name` or `org/name`): it must be a local path."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).strip().split("\n")[0].split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_local_path(dest: str, value: str, kind: str) -> None:
+    if not os.path.exists(value):
+        raise UsageError(f"{_option(dest)} {value}: no such file or directory")
+    if kind == "file" and os.path.isdir(value):
+        raise UsageError(f"{_option(dest)} {value}: is a directory, expected a file")
+    if kind == "dir" and not os.path.isdir(value):
+        raise UsageError(f"{_option(dest)} {value}: not a directory")
+
+
+def _check_model_config(dest: str, value: str, kind: str, config: dict) -> None:
+    model_type = config.get("model_type")
+    if kind == "drafter" and model_type != "clover2":
+        raise UsageError(f"{_option(dest)} {value}: not a Clover-2 drafter (config.json model_type is "
+                         f"{model_type!r}, expected 'clover2')")
+    if kind == "model" and model_type == "clover2":
+        raise UsageError(f"{_option(dest)} {value}: is a Clover-2 drafter, not a target model (pass it as --draft)")
+
+
+def _check_model_ref(dest: str, value: str, kind: str, contents: bool = True) -> None:
+    """A local model directory (with a config.json; model_type clover2 for drafters), or a Hub id whose
+    config.json loads. Raises UsageError naming the option otherwise. `contents=False` checks only that
+    the path exists / the Hub id resolves."""
+    what = "Clover-2 drafter" if kind == "drafter" else "model"
+    if os.path.exists(value):
+        if not os.path.isdir(value):
+            raise UsageError(f"{_option(dest)} {value}: not a directory (expected a {what} directory or a Hub id)")
+        if not contents:
+            return
+        config_path = os.path.join(value, "config.json")
+        if not os.path.isfile(config_path):
+            raise UsageError(f"{_option(dest)} {value}: not a {what} directory (no config.json)")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{_option(dest)} {value}: cannot read config.json ({_short(exc)})") from None
+        _check_model_config(dest, value, kind, config if isinstance(config, dict) else {})
+        return
+    if _looks_local(value):
+        raise UsageError(f"{_option(dest)} {value}: no such file or directory")
+    from transformers import PretrainedConfig
+
+    try:  # fetches (and caches) only config.json
+        config, _ = PretrainedConfig.get_config_dict(value)
+    except (OSError, ValueError) as exc:  # HFValidationError, RepositoryNotFoundError, offline: OSError/ValueError
+        raise UsageError(f"{_option(dest)} {value}: cannot load (not a local directory and not reachable on the "
+                         f"Hub: {_short(exc)})") from None
+    if contents:
+        _check_model_config(dest, value, kind, config)
+
+
+def _check_paths(args, drafter_contents: bool = True) -> None:
+    """Every path/model option of `args` exists (or resolves on the Hub), before any model loads."""
+    for dest, kind in _LOCAL_PATHS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str):
+            _check_local_path(dest, value, kind)
+    for dest, kind in _MODEL_REFS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str):
+            _check_model_ref(dest, value, kind, contents=drafter_contents or kind != "drafter")
 
 
 def _target_arg(p) -> None:
@@ -20,29 +228,36 @@ def _train_parser(sub) -> None:
     p.add_argument("--features", default=None, metavar="DIR",
                    help="train from a precomputed feature store (`clover2 features`) instead of running the "
                         "target's decoder on the fly; its data replaces --data/--max-length/--max-conversations")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (truncated)")
-    p.add_argument("--max-conversations", type=int, default=None)
-    p.add_argument("--max-eval-examples", type=int, default=200, help="held-out conversations evaluated")
-    p.add_argument("--draft-vocab-size", type=int, default=None, help="truncate the heads to the N most frequent tokens")
+    p.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per conversation (truncated)")
+    p.add_argument("--max-conversations", type=_positive_int, default=None,
+                   help="first N valid conversations only (default: all)")
+    p.add_argument("--max-eval-examples", type=_non_negative_int, default=200, help="held-out conversations evaluated")
+    p.add_argument("--draft-vocab-size", type=_positive_int, default=None,
+                   help="truncate the heads to the N most frequent tokens (default: the full vocabulary, or the "
+                        "--init-from drafter's)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from this saved drafter (e.g. a stage-1 OUTPUT/final) instead of the target's init")
-    p.add_argument("--num-draft-depths", type=int, default=None, help="heads N (default 5, or the --init-from drafter's)")
-    p.add_argument("--num-augmenting-layers", type=int, default=None,
+    p.add_argument("--num-draft-depths", type=_positive_int, default=None,
+                   help="heads N (default 5, or the --init-from drafter's)")
+    p.add_argument("--num-augmenting-layers", type=_positive_int, default=None,
                    help="augmenting decoder layers (default 2, or the --init-from drafter's)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--batch-size", type=int, default=1, help="conversations per device per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--save-steps", type=int, default=200)
-    p.add_argument("--eval-steps", type=int, default=500)
-    p.add_argument("--logging-steps", type=int, default=20)
-    p.add_argument("--bf16", action="store_true", help="bf16 target and mixed-precision training (GPU)")
-    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the training data")
+    p.add_argument("--max-steps", type=_max_steps, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="conversations per device per micro-batch")
+    p.add_argument("--grad-accum", type=_positive_int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--learning-rate", type=_positive_float, default=1e-3, help="peak learning rate (cosine schedule)")
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=200, help="linear warm-up, optimizer steps")
+    p.add_argument("--save-steps", type=_positive_int, default=200, help="checkpoint every N optimizer steps")
+    p.add_argument("--eval-steps", type=_positive_int, default=500, help="evaluate every N optimizer steps")
+    p.add_argument("--logging-steps", type=_positive_int, default=20, help="log every N optimizer steps")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 target and bf16 autocast compute with float32 master weights (CPU or GPU)")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved drafter")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    p.add_argument("--max-hours", type=float, default=None, help="stop (and save) after this much wall time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-hours", type=_positive_float, default=None,
+                   help="stop (and save) after this much wall time (default: no limit)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
 
 
 def _features_parser(sub) -> None:
@@ -51,15 +266,16 @@ def _features_parser(sub) -> None:
     p.add_argument("--output-dir", required=True, help="the store: OUTPUT/train and OUTPUT/eval (sharded safetensors)")
     _target_arg(p)
     p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL (default: ShareGPT wheel)")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (truncated)")
-    p.add_argument("--max-conversations", type=int, default=None)
-    p.add_argument("--eval-fraction", type=float, default=0.05)
-    p.add_argument("--max-eval-examples", type=int, default=200, help="held-out conversations stored")
+    p.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per conversation (truncated)")
+    p.add_argument("--max-conversations", type=_positive_int, default=None,
+                   help="first N valid conversations only (default: all)")
+    p.add_argument("--eval-fraction", type=_fraction, default=0.05, help="share of conversations held out")
+    p.add_argument("--max-eval-examples", type=_non_negative_int, default=200, help="held-out conversations stored")
     p.add_argument("--bf16", action="store_true", help="run the target in bf16")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the stored hidden states")
-    p.add_argument("--shard-tokens", type=int, default=1 << 17, help="tokens per shard (whole conversations)")
-    p.add_argument("--batch-size", type=int, default=4, help="conversations per target forward")
+    p.add_argument("--shard-tokens", type=_positive_int, default=1 << 17, help="tokens per shard (whole conversations)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="conversations per target forward")
     p.add_argument("--overwrite", action="store_true", help="replace a store built for another target/data/settings")
 
 
@@ -92,16 +308,22 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time Clover-2 against plain generate() and other methods on MT-Bench")
     _model_args(p, f"Clover-2 drafter dir or Hub id (default: {_SHIPPED_DRAFTER} when it holds weights)")
     p.add_argument("--questions", default=None, help="JSONL of {question_id, category, turns} (default: bundled MT-Bench)")
-    p.add_argument("--num-questions", type=int, default=None, help="first N questions only")
-    p.add_argument("--per-category", type=int, default=None, help="first N questions of each category only")
+    p.add_argument("--num-questions", type=_positive_int, default=None,
+                   help="first N questions only, after --per-category (default: no limit)")
+    p.add_argument("--per-category", type=_positive_int, default=None,
+                   help="first N questions of each category only (default: 1 per category unless --all or "
+                        "--num-questions is given)")
+    p.add_argument("--all", action="store_true", help="every question of the file (the full benchmark: slow on a CPU)")
     p.add_argument("--both-turns", action="store_true", help="also run turn 2 (its prompt holds the turn-1 answer)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens generated per answer")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of clover2-tree,clover2-tree-nolookup,clover2-chain,prompt-lookup,assisted "
                         "(default: all but assisted, plus assisted with --assistant)")
-    p.add_argument("--assistant", default=None, help="smaller same-tokenizer model for the 'assisted' method")
-    p.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per question and method (median)")
+    p.add_argument("--assistant", default=None,
+                   help="smaller same-tokenizer model (Hub id or dir) for the 'assisted' method (default: none)")
+    p.add_argument("--prompt-lookup-num-tokens", type=_positive_int, default=10,
+                   help="tokens proposed per prompt-lookup match")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per question and method (median)")
     p.add_argument("--output-dir", default="clover2_bench", help="results.json and figures go here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -135,12 +357,14 @@ def _self_distill_parser(sub) -> None:
     _target_arg(p)
     p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL whose first user turns are answered "
                                                  "(default: ShareGPT wheel)")
-    p.add_argument("--max-prompts", type=int, default=None, help="first N usable prompts of the data")
-    p.add_argument("--max-prompt-tokens", type=int, default=384, help="longer prompts are skipped")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (tokens)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--max-prompts", type=_positive_int, default=None,
+                   help="first N usable prompts of the data (default: all)")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=384, help="longer prompts are skipped")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="answer length cap (tokens)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per generate call")
     p.add_argument("--bf16", action="store_true", help="run the target in bf16")
-    p.add_argument("--max-hours", type=float, default=None, help="stop after the batch that passes this wall time")
+    p.add_argument("--max-hours", type=_positive_float, default=None,
+                   help="stop after the batch that passes this wall time (default: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -166,10 +390,10 @@ def _evaluate_parser(sub) -> None:
     _target_arg(p)
     p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL; its held-out split is scored "
                                                  "(default: ShareGPT wheel)")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (truncated)")
-    p.add_argument("--max-eval-examples", type=int, default=200, help="held-out conversations scored")
+    p.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per conversation (truncated)")
+    p.add_argument("--max-eval-examples", type=_positive_int, default=200, help="held-out conversations scored")
     p.add_argument("--bf16", action="store_true", help="bf16 target (the drafter runs in float32)")
-    p.add_argument("--output", default=None, help="also write the metrics as JSON here")
+    p.add_argument("--output", default=None, help="also write the metrics as JSON here (default: print only)")
 
 
 def _evaluate(args) -> None:
@@ -188,12 +412,27 @@ def _evaluate(args) -> None:
         Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
-def _int_list(text: str | None, default):
-    return default if text is None else [int(v) for v in text.split(",") if v.strip()]
+def _int_list(text, default):
+    """None -> default; "4,8" -> [4, 8] (a list, e.g. from `_positive_int_list`, is returned as it is).
+    Raises UsageError for anything but comma-separated integers >= 1."""
+    if text is None:
+        return default
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    try:
+        return _positive_int_list(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _load_models(args, draft_required: bool):
-    """(target, tokenizer, draft or None, untrained) from --target/--draft/--dtype/--device."""
+    """(target, tokenizer, draft or None, untrained) from --target/--draft/--dtype/--device.
+
+    Raises UsageError (before loading anything) when --target/--draft is not a usable model/drafter."""
+    if args.target is not None:
+        _check_model_ref("target", args.target, "model")
+    if args.draft is not None:
+        _check_model_ref("draft", args.draft, "drafter")
     import torch
 
     from .modeling_clover2 import Clover2ForDrafting
@@ -216,7 +455,7 @@ def _load_models(args, draft_required: bool):
     draft_path = args.draft or _shipped_drafter()
     if draft_path is None:
         if draft_required:
-            raise SystemExit(f"--draft is required ({_SHIPPED_DRAFTER} holds no trained weights yet)")
+            raise UsageError(f"--draft is required ({_SHIPPED_DRAFTER} holds no trained weights yet)")
         return target, tokenizer, Clover2ForDrafting.from_target(target).to(draft_dtype).eval(), True
     draft = Clover2ForDrafting.from_pretrained(draft_path, dtype=draft_dtype).to(device).eval()
     return target, tokenizer, draft.attach_target(target), False
@@ -231,13 +470,18 @@ def _bench(args) -> None:
         *DEFAULT_METHODS, *(["assisted"] if args.assistant else [])]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"clover2 bench: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise UsageError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if "assisted" in methods and not args.assistant:
-        raise SystemExit("the 'assisted' method needs --assistant <smaller same-tokenizer model>")
+        raise UsageError("--methods: the 'assisted' method needs --assistant <smaller same-tokenizer model>")
+    if args.all and (args.num_questions is not None or args.per_category is not None):
+        raise UsageError("--all: cannot be combined with --num-questions or --per-category")
+    subset = not args.all and args.num_questions is None and args.per_category is None
+    per_category = 1 if subset else args.per_category
     try:
-        questions = load_questions(args.questions, args.num_questions, args.per_category)
+        questions = load_questions(args.questions, args.num_questions, per_category)
+        total = len(load_questions(args.questions))
     except QuestionFileError as exc:
-        raise SystemExit(f"clover2 bench: {exc}") from None
+        raise UsageError(str(exc)) from None
     needs_draft = any(m.startswith("clover2") for m in methods)
     target, tokenizer, draft, _ = _load_models(args, draft_required=needs_draft)
     assistant = None
@@ -245,6 +489,9 @@ def _bench(args) -> None:
         from transformers import AutoModelForCausalLM
 
         assistant = AutoModelForCausalLM.from_pretrained(args.assistant, dtype=target.dtype).to(target.device).eval()
+    source = "MT-Bench questions" if args.questions is None else f"questions of {args.questions}"
+    print(f"running {len(questions)} of {total} {source}" + (
+        " (1 per category); --all for every question, --per-category N for more" if subset else ""), file=sys.stderr)
     result = run_benchmark(
         target, tokenizer, draft if needs_draft else None, questions, methods,
         max_new_tokens=args.max_new_tokens, both_turns=args.both_turns, repeats=args.repeats,
@@ -309,7 +556,9 @@ def _demo(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clover2", description=__doc__)
+    """Run the `clover2` command. Expected user errors (missing paths, bad values, unknown methods) end
+    with one line `clover2 <cmd>: <problem>` on stderr and SystemExit(2); other errors propagate."""
+    parser = argparse.ArgumentParser(prog="clover2", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _self_distill_parser(sub)
@@ -318,8 +567,27 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _tune_parser(sub)
     _demo_parser(sub)
+    for subparser in sub.choices.values():  # every option's help states its default
+        subparser.formatter_class = _HelpFormatter
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _check_numbers(sub.choices[args.command], args)
+    try:
+        # bench/tune/demo check the drafter's config in _load_models (after their question files)
+        _check_paths(args, drafter_contents=args.command not in ("bench", "tune", "demo"))
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        _run(args, argv)
+    except UsageError as exc:
+        _fail(args.command, str(exc))
+    except SystemExit as exc:  # SystemExit("message") from a subcommand: the same one line, exit code 2
+        if isinstance(exc, _UsageExit) or not isinstance(exc.code, str):
+            raise
+        message = exc.code
+        prefix = f"clover2 {args.command}: "
+        _fail(args.command, message[len(prefix):] if message.startswith(prefix) else message)
+    return 0
+
+
+def _run(args, argv: list[str] | None) -> None:
     if args.command == "train":
         from .recipes import TrainRecipe, train
 
@@ -340,7 +608,6 @@ def main(argv: list[str] | None = None) -> int:
         _tune(args)
     elif args.command == "demo":
         _demo(args)
-    return 0
 
 
 if __name__ == "__main__":

@@ -122,9 +122,18 @@ def generate_answers(
     summary = SelfDistillSummary()
     done = _done_ids(path)
     prompts: list[tuple[str, list[dict[str, str]], list[int]]] = []  # (id, messages, prompt ids)
-    for conversation in load_conversations(source):
+    conversations = load_conversations(source)
+    preparing = None
+    if progress:  # tokenizing every prompt of a large source takes a while: show it (with its ETA)
+        from tqdm.auto import tqdm
+
+        preparing = tqdm(total=len(conversations), desc="self-distillation prompts", unit="conversation",
+                         leave=False)
+    for conversation in conversations:
         if max_prompts is not None and len(prompts) + summary.already_done >= max_prompts:
             break
+        if preparing is not None:
+            preparing.update(1)
         messages = _prompt_messages(conversation.messages)
         if conversation.id in done:
             summary.already_done += 1
@@ -134,6 +143,8 @@ def generate_answers(
             summary.skipped["prompt_too_long"] += 1
             continue
         prompts.append((conversation.id, messages, list(ids)))
+    if preparing is not None:
+        preparing.close()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = target.generation_config.eos_token_id
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
