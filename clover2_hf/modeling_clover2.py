@@ -33,9 +33,18 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_clover2 import SUPPORTED_TARGET_TYPES, Clover2Config
+
+logger = logging.get_logger(__name__)
+
+NEEDS_PACKAGE_MESSAGE = (
+    "Clover2ForDrafting is not a transformers assistant model: generate(assistant_model=<Clover-2 drafter>) needs "
+    "the clover2-hf package (pip install clover2-hf, then `import clover2_hf` before calling generate), or, without "
+    "the package, generate(..., assistant_model=draft, custom_generate=<this drafter's repo or directory>, "
+    "trust_remote_code=True)."
+)
 
 # Target types whose RMSNorm computes `x_normed * (1 + weight)`: identity init is zeros, not ones.
 _UNIT_OFFSET_NORM_TYPES = ("gemma", "gemma2")
@@ -237,6 +246,14 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        if name == "generation_config":
+            # A drafter has no generation config (it cannot generate on its own). The one caller that asks for it
+            # is stock assisted decoding, reached by `generate(assistant_model=draft)` without the package's
+            # generate hook: fail there with what to do instead (still an AttributeError, so hasattr() is False).
+            raise AttributeError(NEEDS_PACKAGE_MESSAGE)
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ target attachment
 
@@ -497,12 +514,25 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
             "A Clover-2 draft model (arXiv 2408.00264) for lossless speculative decoding with `transformers`.",
             "It holds draft weights only: the target's embedding / lm_head are borrowed at run time.",
             "",
+            "With the package (`pip install clover2-hf`):",
+            "",
             "```python",
-            "import clover2_hf  # or pass trust_remote_code=True without the package",
+            "import clover2_hf  # registers the model and routes generate(assistant_model=<drafter>)",
             "from transformers import AutoModel, AutoModelForCausalLM",
             f'target = AutoModelForCausalLM.from_pretrained("{base or "<target>"}")',
             'draft = AutoModel.from_pretrained("<this repo>").attach_target(target)',
             "out = target.generate(**inputs, assistant_model=draft)",
+            "```",
+            "",
+            "Without the package (only torch, transformers and safetensors): this repo carries its code, the model",
+            "files and, in `custom_generate/`, the decoding loop that transformers' `custom_generate` runs (tree mode;",
+            "same output as with the package):",
+            "",
+            "```python",
+            "from transformers import AutoModel, AutoModelForCausalLM",
+            f'target = AutoModelForCausalLM.from_pretrained("{base or "<target>"}")',
+            'draft = AutoModel.from_pretrained("<this repo>", trust_remote_code=True)',
+            'out = target.generate(**inputs, assistant_model=draft, custom_generate="<this repo>", trust_remote_code=True)',
             "```",
             "",
             f"Draft depths: {self.config.num_draft_depths}; augmenting layers: {self.config.num_augmenting_layers}; "
@@ -517,13 +547,25 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
     def save_pretrained(
         self, save_directory, *args, training_command: str | None = None, extra_text: str = "", **kwargs
     ):
-        """`PreTrainedModel.save_pretrained` (safetensors only) plus a model card.
+        """`PreTrainedModel.save_pretrained` (safetensors only) plus the code files and a model card.
 
-        The card is (re)written when none exists yet or when `training_command` / `extra_text` is given.
+        The code files (`clover2_hf.hub_files`) let the folder load with `trust_remote_code=True` and decode with
+        `generate(custom_generate=<folder or repo>, trust_remote_code=True)` without the package. The card is
+        (re)written when none exists yet or when `training_command` / `extra_text` is given.
         """
         if kwargs.get("safe_serialization") is False:
             raise ValueError("Clover-2 checkpoints are saved as safetensors only")
         result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            try:  # not a relative import: this file is itself shipped, and hub_files is not
+                hub_files = importlib.import_module("clover2_hf.hub_files")
+            except ModuleNotFoundError:  # a drafter loaded with trust_remote_code, saved without the package
+                logger.warning(
+                    "clover2-hf is not installed: %s gets the model code files but not custom_generate/ "
+                    "(pip install clover2-hf, then `python -m clover2_hf.hub_files %s`)", save_directory, save_directory
+                )
+            else:
+                hub_files.write_code_files(save_directory)
         card_path = os.path.join(save_directory, "README.md")
         if kwargs.get("is_main_process", True) and (training_command or extra_text or not os.path.exists(card_path)):
             self.model_card(training_command, extra_text).save(card_path)

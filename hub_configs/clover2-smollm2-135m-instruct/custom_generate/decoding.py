@@ -1,0 +1,624 @@
+"""Lossless Clover-2 decoding inside `model.generate`.
+
+After `import clover2_hf`, `target.generate(**inputs, assistant_model=draft)` with a
+[`Clover2ForDrafting`] runs Clover-2 decoding; any other assistant, or none, goes to stock
+transformers untouched. Two modes, chosen by `draft.config.decoding`:
+
+* ``"tree"`` (default, the paper's method): each step the drafter grows a dynamic token tree
+  (`clover2_hf.tree.build_tree`), the target verifies all of it in ONE forward pass with an additive
+  4D tree mask and positions = context length + depth, the longest accepted path plus the target's
+  own next ("bonus") token is emitted, the target KV cache is compacted to the accepted path, and the
+  accepted tokens' pre-norm hidden states are fed into the drafter's augmenting-block cache. Our
+  addition (not in the paper): when the context's last `tree_lookup_ngram`..2 tokens occurred earlier,
+  the tokens that followed them (`lookup_continuation`, up to `tree_lookup_tokens`) are merged into the
+  tree as one more path (`clover2_hf.tree.add_path`); it is verified like any drafted path, so it
+  changes only how many tokens a step may accept, never which. It runs
+  as a `generate(custom_generate=...)` callable, so transformers still prepares the generation
+  config, logits processors, stopping criteria and cache exactly as for plain decoding.
+* ``"chain"``: a `CandidateGenerator` drafting the top-1 chain (or, when sampling, a chain sampled
+  from the drafter's processed distribution, with its logits returned so transformers' speculative
+  sampling accepts it losslessly) inside transformers' own `_assisted_decoding`.
+
+Acceptance, per emitted token, is exactly what plain decoding would do:
+* greedy: follow the child whose token equals the target's (processed) argmax at each node;
+* sampling: draw the target's token x ~ p (processed logits at the node, the same draw plain
+  sampling makes) and follow the child with token x if there is one. This is multi-candidate
+  speculative sampling (SpecInfer, Miao et al. 2024, Alg. 2 "multi-step speculative sampling")
+  with deterministic (point-mass) proposals: for a candidate c with q = delta_c the acceptance
+  probability min(1, p(c) / q(c)) is p(c) and the residual norm(max(p - q, 0)) is p with c removed,
+  so the scheme picks candidate c_i with probability p(c_i) and otherwise samples from p restricted
+  to the non-candidates: the emitted token is distributed exactly as p. Because top-k children are
+  deterministic this is also the best possible acceptance for the given children.
+* stopping criteria (max length, eos ids, user criteria) are checked after EVERY emitted token, so
+  eos inside an accepted path or `max_new_tokens` landing mid-path stop exactly where plain
+  decoding stops (tree mode). In chain mode transformers crops accepted blocks at eos and max length
+  only; other stopping criteria are evaluated per block, as in stock assisted decoding.
+
+The only contact with transformers' private API is `_install_generate_hook` (it wraps
+`GenerationMixin.generate`) and the chain generator's use of `_get_candidate_generator`,
+`requires_model_outputs` and `get_candidates(..., n_last_matches=)`; both are exercised by the tests
+for the pinned transformers range (see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers.cache_utils import DynamicCache
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .modeling_clover2 import Clover2ForDrafting
+from .tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_cache, tree_attention_mask
+
+__all__ = ["Clover2Stats", "Clover2ChainCandidateGenerator", "clover2_tree_decode"]
+
+
+@dataclass
+class Clover2Stats:
+    """Per-call statistics of a Clover-2 `generate` call (pass one as `clover2_stats=`).
+
+    Times are wall-clock seconds measured on the host (CUDA is synchronised around each phase).
+    """
+
+    mode: str = ""
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0  # including the prefill pass
+    tokens_per_step: list[int] = field(default_factory=list)  # tokens emitted by each verification pass
+    accepted_depths: list[int] = field(default_factory=list)  # accepted draft tokens per pass
+    tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per pass
+    branch_switches: int = 0  # accepted nodes that were not their parent's most likely child
+    stopped_in_path: int = 0  # stopping criteria fired on an accepted draft token
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    total_time_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per verification pass (accepted drafts + the bonus token)."""
+        return sum(self.tokens_per_step) / max(len(self.tokens_per_step), 1)
+
+    @property
+    def target_passes_per_token(self) -> float:
+        return self.target_forwards / max(self.new_tokens, 1)
+
+    @property
+    def draft_share(self) -> float:
+        """Fraction of the call's wall time spent drafting."""
+        return self.draft_time_s / self.total_time_s if self.total_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out.update(tau=self.tau, target_passes_per_token=self.target_passes_per_token, draft_share=self.draft_share)
+        return out
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+class _PreNormCapture:
+    """Records the input of the target's final norm (the pre-norm last hidden states h_t)."""
+
+    def __init__(self, target) -> None:
+        decoder = target.get_decoder()
+        norm = getattr(decoder, "norm", None)
+        if norm is None:
+            raise ValueError(f"{type(target).__name__}: cannot find the final norm `get_decoder().norm`")
+        self.hidden: torch.Tensor | None = None
+        self._handle = norm.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.hidden = args[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _wide_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward`, computed as W @ x^T where that is faster on this project's CPU (see below)."""
+    rows = x.reshape(-1, x.shape[-1])  # [q, in]
+    out_features, in_features = self.weight.shape
+    if rows.shape[0] == 1 or (rows.shape[0] > 4 and out_features < 8 * in_features):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    out = torch.mm(self.weight, rows.t()).t()  # [q, out]: the same products, another BLAS call shape
+    if self.bias is not None:
+        out = out + self.bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class _CpuVerifyLinears:
+    """Runs the target's float32 `nn.Linear` layers as W @ x^T in tree verification passes on a CPU.
+
+    With torch's MKL on this project's 2-core AMD EPYC, float32 `F.linear` over a few rows (x [q, in],
+    the verification pass of a small tree) is far slower per row than over one row, while the same
+    product written W @ x^T runs through a faster kernel for up to 4 rows, and for the tall vocabulary
+    head (out >= 8 x in) at any q. Whole SmolLM2-135M verification forwards (ms, context 200, best of
+    2 x median of 5; reproduce with `tune.measure_verify_time` with `CLOVER2_HF_WIDE_LINEAR=0`
+    and `=1`): q = 1: 45 / 45; q = 2: 85 / 64; q = 3: 99 / 69; q = 4: 81 / 68; q = 5: 75 / 69;
+    q = 9: 85 / 80; q = 17: 93 / 93 (stock / this rule). Plain decoding (q = 1) is unchanged, so the
+    baseline is not made faster. Only exact `nn.Linear` modules with float32 CPU weights are switched,
+    per instance and only inside `with self:`; the products are the same up to float rounding order,
+    as with any other kernel choice (greedy identity is checked by the tests and by every benchmark).
+    Set `CLOVER2_HF_WIDE_LINEAR=0` to switch it off.
+    """
+
+    def __init__(self, target) -> None:
+        enabled = os.environ.get("CLOVER2_HF_WIDE_LINEAR", "1") != "0"
+        self.modules = [
+            m for m in target.modules()
+            if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+        ] if enabled else []
+
+    def __enter__(self) -> None:
+        # a module whose forward is already replaced on the instance (accelerate's device / offload
+        # hooks) is left alone, so nothing of anyone else's is overwritten or removed
+        self._patched = [m for m in self.modules if "forward" not in m.__dict__]
+        for module in self._patched:
+            module.forward = _wide_linear_forward.__get__(module)
+
+    def __exit__(self, *exc) -> None:
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
+        self._patched = []
+
+
+_FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+class _CpuMaskedGqa:
+    """Lets transformers' SDPA attention keep grouped-query attention in tree verification passes on a CPU.
+
+    transformers' `sdpa_attention_forward` repeats the key/value heads of grouped-query attention
+    (`repeat_kv`: a copy of the layer's whole KV cache) whenever an attention mask is passed, because on
+    CUDA a masked `enable_gqa` call falls back to SDPA's math kernel. A tree verification pass always
+    passes a mask, so on a CPU it paid for those copies while plain decoding (no mask) did not: at
+    SmolLM2-135M's shape, context 150, 3.4 ms of a 70 ms forward over 5 tokens. torch's CPU SDPA takes a
+    mask together with `enable_gqa=True` (the same query-to-key head mapping as `repeat_kv`), and
+    transformers reads its switch `TRANSFORMERS_SDPA_FORCE_GQA` at every attention call. Inside
+    `with self:` that switch is set, only when every target weight is on the CPU and the target uses
+    SDPA, and never over a value the user set. The switch is an environment variable, so while a pass
+    runs it also applies to masked SDPA calls of other threads (on CUDA they would take the slower math
+    kernel, with the same results). Whole verification forwards (ms, context 150, min of 3 x
+    median of 5, `tune.measure_verify_time`, switch off / on): q = 5: 75.2 / 70.3; q = 9: 87.4 / 83.4;
+    q = 1 unchanged. Set `CLOVER2_HF_CPU_GQA=0` to switch it off.
+    """
+
+    def __init__(self, target) -> None:
+        self.enabled = (
+            os.environ.get("CLOVER2_HF_CPU_GQA", "1") != "0"
+            and getattr(target.config, "_attn_implementation", None) == "sdpa"
+            and all(p.device.type == "cpu" for p in target.parameters())
+        )
+        self._set = False
+
+    def __enter__(self) -> None:
+        self._set = self.enabled and _FORCE_GQA_ENV not in os.environ
+        if self._set:
+            os.environ[_FORCE_GQA_ENV] = "1"
+
+    def __exit__(self, *exc) -> None:
+        if self._set:
+            os.environ.pop(_FORCE_GQA_ENV, None)
+        self._set = False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _draft_logprobs(draft: Clover2ForDrafting, head_states: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(draft.head_logits(head_states).float(), dim=-1)
+
+
+def _check_supported(target, input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> None:
+    """Clear errors for what Clover-2 decoding does not do (raised before any decoding work)."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"Clover-2 decoding supports batch size 1 only, got a batch of {input_ids.shape[0]}.")
+    if input_ids.shape[1] == 0:
+        raise ValueError("Clover-2 decoding needs a non-empty prompt (input_ids has length 0).")
+    if getattr(target.config, "is_encoder_decoder", False):
+        raise ValueError("Clover-2 decoding supports decoder-only targets only.")
+    gc = generation_config
+    if gc.num_beams != 1 or gc.num_return_sequences != 1:
+        raise ValueError("Clover-2 decoding does not support beam search or num_return_sequences > 1.")
+    if gc.output_attentions or gc.output_hidden_states:
+        raise ValueError("Clover-2 decoding does not return attentions or hidden states.")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise ValueError("Clover-2 decoding does not support padded prompts (attention_mask with zeros).")
+
+
+# --------------------------------------------------------------------------- tree mode
+
+
+def _target_mask_kwargs(target, cache, tree: DraftTree, past_length: int, dtype: torch.dtype):
+    """The `attention_mask` argument for the verification pass: one mask, or one per layer type."""
+    config = target.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+
+    def mask_for(layer_idx: int, sliding: int | None) -> torch.Tensor:
+        kv_length, kv_offset = cache.get_mask_sizes(tree.num_nodes + 1, layer_idx)
+        return tree_attention_mask(tree, past_length, kv_length, kv_offset, dtype, sliding)
+
+    if layer_types is not None:
+        masks = {}
+        for layer_type in dict.fromkeys(layer_types):
+            idx = layer_types.index(layer_type)
+            masks[layer_type] = mask_for(idx, window if layer_type == "sliding_attention" else None)
+        if len(masks) == 1 and "sliding_attention" not in masks:
+            return masks["full_attention"]
+        return masks
+    return mask_for(0, window)
+
+
+def lookup_continuation(context: list[int], num_tokens: int, max_ngram: int) -> list[int]:
+    """Prompt-lookup guess: the tokens that followed the latest earlier occurrence of the context's tail.
+
+    Tries the last `max_ngram` tokens first, then shorter tails down to 2 tokens (a single-token match
+    is mostly noise and would cost verification work); returns up to `num_tokens` tokens, or [].
+    """
+    length = len(context)
+    for n in range(min(max_ngram, length - 1), 1, -1):
+        tail = context[-n:]
+        for start in range(length - n - 1, -1, -1):  # latest match first; its continuation is non-empty
+            if context[start : start + n] == tail:
+                return context[start + n : start + n + num_tokens]
+    return []
+
+
+def _expand_fn(draft: Clover2ForDrafting):
+    def expand(states: torch.Tensor, draft_ids: torch.Tensor):
+        out, new_states = draft.head_step(states, draft.draft_to_target_ids(draft_ids))
+        return _draft_logprobs(draft, out), new_states
+
+    return expand
+
+
+def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Tensor, top_k: int, budget: int,
+               static_paths=None) -> DraftTree:
+    """Head depth 0 + `build_tree` from an augmented state c_t [H]: the tree of one drafting phase."""
+    head0, _ = draft.head_step(root_state[None])
+    return build_tree(
+        root_token=root_token,
+        first_logprobs=_draft_logprobs(draft, head0)[0],
+        expand=_expand_fn(draft),
+        root_state=root_state,
+        max_depth=draft.config.num_draft_depths,
+        top_k=top_k,
+        budget=budget,
+        to_target_ids=draft.draft_to_target_ids,
+        static_paths=static_paths,
+    )
+
+
+@torch.no_grad()
+def clover2_tree_decode(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config,
+    clover2_draft: Clover2ForDrafting = None,
+    clover2_streamer=None,
+    clover2_stats: Clover2Stats | None = None,
+    **model_kwargs,
+):
+    """Clover-2 tree decoding as a `generate(custom_generate=...)` callable (batch size 1)."""
+    draft = clover2_draft
+    stats = clover2_stats if clover2_stats is not None else Clover2Stats()
+    stats.mode = "tree"
+    _check_supported(model, input_ids, generation_config, model_kwargs)
+    cache = model_kwargs.get("cache")
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
+        raise ValueError("Clover-2 tree decoding needs a fresh DynamicCache (no static or pre-filled cache).")
+    cache.activate_past_recording()  # sliding-window layers keep their tail until compaction
+    do_sample = bool(generation_config.do_sample)
+    gc = generation_config
+    keep_scores = gc.return_dict_in_generate and gc.output_scores
+    keep_logits = gc.return_dict_in_generate and gc.output_logits
+    scores, raw_logits = [], []
+    cfg = draft.config
+    static_paths = STATIC_TREE_PATHS if cfg.tree_type == "static" else None
+    device = input_ids.device
+    draft_device = draft.fc1.weight.device
+    stats.prompt_tokens = input_ids.shape[1]
+    t_start = time.perf_counter()
+
+    capture = _PreNormCapture(model)
+    verify_linears, verify_gqa = _CpuVerifyLinears(model), _CpuMaskedGqa(model)
+    try:
+        # Prefill: the target reads the prompt and picks the first new token itself.
+        out = model(
+            input_ids=input_ids,
+            position_ids=torch.arange(input_ids.shape[1], device=device)[None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        stats.target_forwards += 1
+        pending_hidden = capture.hidden  # [1, n, H] pre-norm states whose next token is known
+        raw = out.logits[:, -1].float()  # [1, V]
+        processed = logits_processor(input_ids, raw.clone())
+        token = _choose(processed, do_sample)  # the target's own token: root of the first tree
+        draft_cache = draft.new_cache()
+        finished = False
+
+        def emit(token: torch.Tensor, processed: torch.Tensor, raw: torch.Tensor) -> bool:
+            """Append one token as plain decoding would; True when a stopping criterion fires."""
+            nonlocal input_ids
+            input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
+            stats.new_tokens += 1
+            if keep_scores:
+                scores.append(processed)
+            if keep_logits:
+                raw_logits.append(raw)
+            if clover2_streamer is not None:
+                clover2_streamer.put(token.cpu())
+            return bool(stopping_criteria(input_ids, processed).any())
+
+        while True:
+            # ---- emit the target's own token (prefill choice or the bonus token of the last pass)
+            if emit(token, processed, raw):
+                break
+
+            # ---- draft: feed verified positions to the augmenting block, then grow the tree
+            _sync(device)
+            t0 = time.perf_counter()
+            n_pending = pending_hidden.shape[1]
+            next_ids = input_ids[:, -n_pending:].to(draft_device)
+            augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
+            tree = _grow_tree(draft, int(token), augmented[0, -1], cfg.tree_top_k, cfg.tree_budget, static_paths)
+            room = gc.max_length - input_ids.shape[1]  # tokens that can still be emitted
+            if cfg.tree_lookup_tokens and room > 0:
+                lookup = lookup_continuation(input_ids[0].tolist(), min(cfg.tree_lookup_tokens, room),
+                                             cfg.tree_lookup_ngram)
+                tree = add_path(tree, lookup) if lookup else tree
+            _sync(device)
+            t1 = time.perf_counter()
+            stats.draft_time_s += t1 - t0
+
+            # ---- verify the whole tree in one target pass
+            past_length = cache.get_seq_length()
+            q = tree.num_nodes + 1
+            tree_tokens = tree.verify_tokens().to(device)[None]  # [1, q]
+            depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
+            with verify_linears, verify_gqa:
+                out = model(
+                    input_ids=tree_tokens,
+                    attention_mask=_target_mask_kwargs(model, cache, tree, past_length, model.dtype),
+                    position_ids=(past_length + depths)[None],
+                    cache=cache,
+                    use_cache=True,
+                )
+            stats.target_forwards += 1
+            stats.tree_sizes.append(tree.num_nodes)
+            tree_hidden = capture.hidden  # [1, q, H]
+            tree_logits = out.logits[0].float()  # [q, V]
+            _sync(device)
+            stats.verify_time_s += time.perf_counter() - t1
+
+            # ---- walk the tree: accept children while they equal the target's own choice
+            children = tree.children()
+            node, path = 0, [0]
+            emitted = 0
+            while True:
+                raw = tree_logits[node][None]
+                processed = logits_processor(input_ids, raw.clone())
+                token = _choose(processed, do_sample)
+                child = children[node].get(int(token))
+                if child is None:
+                    break  # `token` is the bonus token, emitted at the top of the loop
+                emitted += 1
+                if child != next(iter(children[node].values())):
+                    stats.branch_switches += 1
+                if emit(token, processed, raw):
+                    finished = True
+                    stats.stopped_in_path += 1
+                    break
+                node = child
+                path.append(child)
+            stats.accepted_depths.append(emitted)
+            stats.tokens_per_step.append(emitted + (0 if finished else 1))
+
+            # ---- keep the accepted path in the target cache; queue its states for the drafter
+            compact_cache(cache, q, path)
+            if finished:
+                break
+            pending_hidden = tree_hidden[:, path]  # [1, k + 1, H]
+    finally:
+        capture.remove()
+        if clover2_streamer is not None:
+            clover2_streamer.end()
+        stats.total_time_s += time.perf_counter() - t_start
+
+    if gc.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=input_ids,
+            scores=tuple(scores) if keep_scores else None,
+            logits=tuple(raw_logits) if keep_logits else None,
+            cache=cache,
+        )
+    return input_ids
+
+
+def _choose(processed_logits: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    """[1, V] processed logits -> [1] token, exactly as `GenerationMixin._sample` picks it."""
+    if do_sample:
+        probs = torch.softmax(processed_logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    return torch.argmax(processed_logits, dim=-1)
+
+
+# --------------------------------------------------------------------------- chain mode
+
+
+class Clover2ChainCandidateGenerator(CandidateGenerator):
+    """Drafts a chain of `num_draft_depths` tokens for transformers' assisted decoding.
+
+    Conditioned on the target's pre-norm hidden states (captured from its final norm's input during
+    each target pass). Greedy drafts the argmax chain; sampling draws each draft token from the
+    drafter's processed distribution and returns those logits, so transformers' speculative sampling
+    keeps the target distribution.
+    """
+
+    requires_model_outputs = True
+    model_kwargs_overrides: dict = {}
+
+    def __init__(self, target, draft: Clover2ForDrafting, generation_config, logits_processor, stats: Clover2Stats):
+        self.target = target
+        self.draft = draft
+        self.do_sample = bool(generation_config.do_sample)
+        self.max_length = generation_config.max_length
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.stats = stats
+        self.capture = _PreNormCapture(target)
+        self.draft_cache = draft.new_cache()
+        self.device = draft.fc1.weight.device
+
+    @torch.no_grad()
+    def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False,
+                       n_last_matches=0, **kwargs):
+        self.stats.target_forwards += 1  # each call is followed by exactly one target pass
+        if is_first_iteration:
+            return input_ids, None  # let the target prefill and choose the first token itself
+        _sync(input_ids.device)
+        t0 = time.perf_counter()
+        done = self.draft_cache.get_seq_length()
+        n_new = input_ids.shape[1] - 1 - done  # verified positions the drafter has not read yet
+        hidden = self.capture.hidden[:, :n_new].to(self.device)
+        next_ids = input_ids[:, done + 1 :].to(self.device)
+        augmented = self.draft.augment(hidden, next_ids, cache=self.draft_cache)
+        room = self.max_length - input_ids.shape[1]
+        length = min(self.draft.config.num_draft_depths, max(room - 1, 0))
+        seq = input_ids
+        drafted, drafted_logits = [], []
+        out, state = self.draft.head_step(augmented[:, -1])
+        for depth in range(length):
+            if depth > 0:
+                out, state = self.draft.head_step(state, drafted[-1].to(self.device))
+            logits = self._full_vocab_logits(self.draft.head_logits(out).float())  # [1, V]
+            logits = self.logits_processor(seq, logits)
+            token = _choose(logits, self.do_sample)
+            drafted.append(token.to(input_ids.device))
+            drafted_logits.append(logits)
+            seq = torch.cat([seq, drafted[-1][:, None]], dim=-1)
+        _sync(input_ids.device)
+        self.stats.draft_time_s += time.perf_counter() - t0
+        if not drafted:
+            return input_ids, None
+        return seq, torch.stack(drafted_logits, dim=1)  # [1, n, V]
+
+    def _full_vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.draft.d2t is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.draft.config.vocab_size), float("-inf"))
+        full[:, self.draft.d2t.to(logits.device)] = logits
+        return full
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        self.stats.accepted_depths.append(int(num_matches))
+        self.stats.tokens_per_step.append(int(num_matches) + 1)
+
+
+# --------------------------------------------------------------------------- the generate hook
+
+_STOCK_GENERATE = GenerationMixin.generate
+_GENERATE_SIGNATURE = inspect.signature(_STOCK_GENERATE)
+
+
+@functools.wraps(_STOCK_GENERATE)
+def _generate(self, *args, **kwargs):
+    """`GenerationMixin.generate`, routing `assistant_model=<Clover2ForDrafting>` to Clover-2 decoding."""
+    stats = kwargs.pop("clover2_stats", None)
+    bound = _GENERATE_SIGNATURE.bind_partial(self, *args, **kwargs)
+    draft = bound.arguments.get("assistant_model")
+    if not isinstance(draft, Clover2ForDrafting):
+        if stats is not None:
+            raise ValueError("clover2_stats= is only accepted together with assistant_model=<Clover2ForDrafting>")
+        return _STOCK_GENERATE(self, *args, **kwargs)
+
+    draft.attach_target(self)  # validates hidden size / vocabulary against this target
+    apply_tuned_settings, = _clover2_hf_package_import('tune', ('apply_tuned_settings',))  # local import: tune imports this module
+
+    apply_tuned_settings(draft, self)  # `clover2 tune`'s tree budget / top-k for this target and device
+    stats = stats if stats is not None else Clover2Stats()
+    arguments = dict(bound.arguments)
+    arguments.pop("self")
+    extra = arguments.pop("kwargs", {})
+    arguments.update(extra)
+    inputs = arguments.get("inputs", arguments.get("input_ids"))
+    if inputs is not None and inputs.dim() == 2 and inputs.shape[0] != 1:
+        raise ValueError(f"Clover-2 decoding supports batch size 1 only, got a batch of {inputs.shape[0]}.")
+    if inputs is not None and inputs.shape[-1] == 0:
+        raise ValueError("Clover-2 decoding needs a non-empty prompt (input_ids has length 0).")
+    for unsupported in ("num_beams", "num_return_sequences"):
+        if (arguments.get(unsupported) or 1) != 1:
+            raise ValueError(f"Clover-2 decoding does not support {unsupported} > 1.")
+
+    if draft.config.decoding == "chain":
+        stats.mode = "chain"
+        t0 = time.perf_counter()
+
+        generator_holder = []
+
+        def candidate_generator(generation_config, logits_processor, **_):
+            generator_holder.append(
+                Clover2ChainCandidateGenerator(self, draft, generation_config, logits_processor, stats)
+            )
+            return generator_holder[-1]
+
+        self._get_candidate_generator = candidate_generator  # instance-level, removed below
+        try:
+            result = _STOCK_GENERATE(self, **arguments)
+        finally:
+            del self._get_candidate_generator
+            for gen in generator_holder:
+                gen.capture.remove()
+            stats.total_time_s += time.perf_counter() - t0
+        stats.prompt_tokens = int(inputs.shape[-1]) if inputs is not None else 0
+        sequences = result.sequences if hasattr(result, "sequences") else result
+        stats.new_tokens = int(sequences.shape[-1]) - stats.prompt_tokens
+        stats.verify_time_s = stats.total_time_s - stats.draft_time_s
+        return result
+
+    arguments.pop("assistant_model")
+    streamer = arguments.get("streamer")
+    return _STOCK_GENERATE(
+        self,
+        custom_generate=clover2_tree_decode,
+        clover2_draft=draft,
+        clover2_streamer=streamer,
+        clover2_stats=stats,
+        **arguments,
+    )
+
+
+def _install_generate_hook() -> None:
+    """Route `generate(assistant_model=<Clover2ForDrafting>)` to Clover-2 decoding (idempotent)."""
+    if GenerationMixin.generate is not _generate:
+        GenerationMixin.generate = _generate
+
+
+def _clover2_hf_package_import(module, names):  # added by clover2_hf.hub_files: imports of package-only (tool) modules
+    """`from clover2_hf.<module> import <names>`, or an ImportError saying to install the package."""
+    import importlib
+
+    try:
+        found = importlib.import_module("clover2_hf." + module)
+    except ModuleNotFoundError as exc:
+        raise ImportError(
+            f"This feature needs the clover2-hf package (pip install clover2-hf): clover2_hf.{module} is not "
+            "part of the code files shipped with the drafter."
+        ) from exc
+    return tuple(getattr(found, name) for name in names)
