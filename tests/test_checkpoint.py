@@ -103,6 +103,7 @@ _FRESH = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter per mode
 @pytest.mark.parametrize("mode", ["package", "remote"])
 def test_automodel_in_fresh_process(saved, mode, tmp_path):
     _, _, path, target_path = saved

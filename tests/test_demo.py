@@ -59,6 +59,7 @@ def test_chain_chunks_mark_all_but_the_last_token():
     assert out.getvalue() == "a\033[32mbc\033[0mde\n"
 
 
+@pytest.mark.slow  # trains a drafter first (40 steps); a streamer-labelling feature, not losslessness
 @pytest.mark.parametrize("mode", ["tree", "chain"])
 def test_live_labels_match_the_decoding_stats(mode):
     target, draft, prompts = trained_pair()
@@ -85,6 +86,7 @@ def test_live_labels_match_the_decoding_stats(mode):
     assert drafted > 10  # the trained drafter's tokens were accepted and marked
 
 
+@pytest.mark.slow  # the embedded SmolLM2 target
 def test_cli_demo_on_embedded_target(capsys):
     """`clover2 demo` on the embedded SmolLM2 with the shipped (or, until trained, an untrained) drafter."""
     assert main(["demo", "--max-new-tokens", "12", "--style", "brackets", "--device", "cpu",

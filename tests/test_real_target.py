@@ -11,6 +11,8 @@ from transformers import AutoModel
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
 from clover2_hf.bench import load_questions
 
+pytestmark = pytest.mark.slow  # the real SmolLM2-135M target: minutes on a CPU
+
 SHIPPED = Path(__file__).resolve().parents[1] / "hub_configs" / "clover2-smollm2-135m-instruct"
 
 

@@ -152,6 +152,7 @@ def test_corrupt_tuning_file_is_ignored_then_replaced():
 # --------------------------------------------------------------------------- measurements
 
 
+@pytest.mark.slow  # trains a drafter (40 steps), then 4 settings x 3 generations
 def test_replayed_acceptance_matches_real_tree_decoding():
     """The calibration replay predicts the tokens per step that generate() then really gets (the drafter's
     tree alone: the prompt-lookup path is not part of the replay)."""
@@ -171,6 +172,7 @@ def test_replayed_acceptance_matches_real_tree_decoding():
     draft.config.tree_budget, draft.config.tree_top_k, draft.config.tree_lookup_tokens = 25, 10, 10
 
 
+@pytest.mark.slow  # tune's timed end-to-end run on the trained drafter
 def test_measured_tune_end_to_end():
     target, draft, prompts = trained_pair()
     result = tune(target, draft, prompts, budgets=[2, 4, 8], top_ks=[1, 2], max_new_tokens=16, repeats=2)
