@@ -1,4 +1,4 @@
-"""Small file helpers shared by the cache, feature-store and tuning writers."""
+"""Small file helpers shared by the cache, feature-store, calibration and tuning writers."""
 
 from __future__ import annotations
 
@@ -28,3 +28,23 @@ def write_json_atomic(path: Path, data: Mapping[str, Any], *, indent: int = 2, t
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: Environment variable that overrides the cache root directory.
+CACHE_ENV_VAR: str = "CLOVER2_HF_CACHE"
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the cache root directory (not created).
+
+    Order: ``cache_dir`` argument, ``$CLOVER2_HF_CACHE``,
+    ``$XDG_CACHE_HOME/clover2_hf``, ``~/.cache/clover2_hf``.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "clover2_hf"

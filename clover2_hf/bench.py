@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from .cost_model import auto_tree_settings
 from .decoding import Clover2Stats
 
 logger = logging.getLogger(__name__)
@@ -549,6 +550,7 @@ def run_benchmark(
         "both_turns": both_turns,
         "repeats": repeats,
         "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
+        "tree_settings": auto_tree_settings(draft, target).describe() if draft is not None else None,
         "tree_budget": draft.config.tree_budget if draft is not None else None,
         "tree_lookup_tokens": draft.config.tree_lookup_tokens if draft is not None else None,
         "tree_lookup_ngram": draft.config.tree_lookup_ngram if draft is not None else None,

@@ -337,9 +337,13 @@ def _tune_parser(sub) -> None:
     p.add_argument("--budgets", default=None, help="comma-separated candidate budgets (default: 4,...,96)")
     p.add_argument("--top-ks", default=None, help="comma-separated candidate top-k values (default: 2,4,6,8,10)")
     p.add_argument("--context-length", type=int, default=None, help="KV length of the timing runs")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per point (median)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per point (minimum kept)")
     p.add_argument("--no-save", action="store_true", help="do not store the choice in the tuning file")
     p.add_argument("--output", default=None, help="also write the full result as JSON here")
+    p.add_argument("--show", action="store_true", help="print the stored choices and exit (loads no model)")
+    p.add_argument("--reset", action="store_true",
+                   help="delete the stored choices and the first-use cost calibration, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _demo_parser(sub) -> None:
@@ -511,8 +515,27 @@ def _tune(args) -> None:
     import json
     from pathlib import Path
 
+    from .cost_model import calibration_file
+    from .tune import DEFAULT_BUDGETS, DEFAULT_TOP_KS, remove_tuned_settings, stored_settings, tune, tuning_file
+
+    if args.show:
+        records = stored_settings()
+        if not records:
+            print(f"no stored choice in {tuning_file()}: generate() sizes trees per step from the device's costs")
+        for key, record in sorted(records.items()):
+            speedup = record.get("expected_speedup")
+            print(f"{key}: tree_budget={record.get('tree_budget')} tree_top_k={record.get('tree_top_k')}"
+                  + (f", modelled {speedup:.2f}x" if isinstance(speedup, (int, float)) else "")
+                  + f" ({record.get('created', '?')})")
+        return
+    if args.reset:
+        removed = remove_tuned_settings()
+        calibration = calibration_file()
+        calibration.unlink(missing_ok=True)
+        print(f"removed {removed} stored choice(s) from {tuning_file()} and the cost calibration {calibration}")
+        return
+
     from .bench import QuestionFileError, encode_chat, load_questions
-    from .tune import DEFAULT_BUDGETS, DEFAULT_TOP_KS, tune, tuning_file
 
     try:
         questions = load_questions(args.questions)
@@ -526,14 +549,19 @@ def _tune(args) -> None:
         target, draft, prompts,
         budgets=_int_list(args.budgets, DEFAULT_BUDGETS), top_ks=_int_list(args.top_ks, DEFAULT_TOP_KS),
         max_new_tokens=args.max_new_tokens, context_length=args.context_length, repeats=args.repeats,
-        save=not args.no_save,
+        save=not args.no_save, progress=not args.no_progress,
     )
     print(result.table())
     speedup = f", modelled speedup {result.expected_speedup:.2f}x" if result.expected_speedup else ""
     print(f"\nbest: tree_budget={result.budget} tree_top_k={result.top_k} "
           f"({result.expected_tokens_per_step:.2f} tokens/step, {result.expected_tokens_per_s:.1f} tokens/s{speedup})")
-    if not args.no_save:
-        print(f"stored for {result.target} on {result.device} in {tuning_file()}")
+    noise = f"timings spread {100 * result.noise:.0f}%" if result.noise is not None else ""
+    if result.other_cpu_load is not None:
+        noise += f", other processes {result.other_cpu_load:.2f} CPU cores"
+    if result.stored:
+        print(f"stored for {result.target} on {result.device} in {tuning_file()} ({noise})")
+    elif result.refused:
+        print(f"not stored: {result.refused} ({noise})")
     if args.output:
         Path(args.output).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -55,7 +54,13 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .modeling_clover2 import Clover2ForDrafting
-from .tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_cache, tree_attention_mask
+from .cost_model import TreeSizer, auto_tree_settings
+from .tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_cache, root_only, select_nodes
+from .verification import FORCE_GQA_ENV as _FORCE_GQA_ENV  # noqa: F401  (names kept for older imports)
+from .verification import CpuMaskedGqa as _CpuMaskedGqa
+from .verification import CpuVerifyLinears as _CpuVerifyLinears
+from .verification import target_mask_kwargs as _target_mask_kwargs
+from .verification import wide_linear_forward as _wide_linear_forward  # noqa: F401
 
 __all__ = ["Clover2Stats", "Clover2ChainCandidateGenerator", "clover2_tree_decode"]
 
@@ -76,6 +81,8 @@ class Clover2Stats:
     tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per pass
     branch_switches: int = 0  # accepted nodes that were not their parent's most likely child
     stopped_in_path: int = 0  # stopping criteria fired on an accepted draft token
+    plain_steps: int = 0  # verification passes over the root token alone (tree mode, automatic sizing)
+    tree_settings: str = ""  # the tree settings used and where they came from (tree mode)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
@@ -121,94 +128,6 @@ class _PreNormCapture:
         self._handle.remove()
 
 
-def _wide_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`nn.Linear.forward`, computed as W @ x^T where that is faster on this project's CPU (see below)."""
-    rows = x.reshape(-1, x.shape[-1])  # [q, in]
-    out_features, in_features = self.weight.shape
-    if rows.shape[0] == 1 or (rows.shape[0] > 4 and out_features < 8 * in_features):
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = torch.mm(self.weight, rows.t()).t()  # [q, out]: the same products, another BLAS call shape
-    if self.bias is not None:
-        out = out + self.bias
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-class _CpuVerifyLinears:
-    """Runs the target's float32 `nn.Linear` layers as W @ x^T in tree verification passes on a CPU.
-
-    With torch's MKL on this project's 2-core AMD EPYC, float32 `F.linear` over a few rows (x [q, in],
-    the verification pass of a small tree) is far slower per row than over one row, while the same
-    product written W @ x^T runs through a faster kernel for up to 4 rows, and for the tall vocabulary
-    head (out >= 8 x in) at any q. Whole SmolLM2-135M verification forwards (ms, context 200, best of
-    2 x median of 5; reproduce with `tune.measure_verify_time` with `CLOVER2_HF_WIDE_LINEAR=0`
-    and `=1`): q = 1: 45 / 45; q = 2: 85 / 64; q = 3: 99 / 69; q = 4: 81 / 68; q = 5: 75 / 69;
-    q = 9: 85 / 80; q = 17: 93 / 93 (stock / this rule). Plain decoding (q = 1) is unchanged, so the
-    baseline is not made faster. Only exact `nn.Linear` modules with float32 CPU weights are switched,
-    per instance and only inside `with self:`; the products are the same up to float rounding order,
-    as with any other kernel choice (greedy identity is checked by the tests and by every benchmark).
-    Set `CLOVER2_HF_WIDE_LINEAR=0` to switch it off.
-    """
-
-    def __init__(self, target) -> None:
-        enabled = os.environ.get("CLOVER2_HF_WIDE_LINEAR", "1") != "0"
-        self.modules = [
-            m for m in target.modules()
-            if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-        ] if enabled else []
-
-    def __enter__(self) -> None:
-        # a module whose forward is already replaced on the instance (accelerate's device / offload
-        # hooks) is left alone, so nothing of anyone else's is overwritten or removed
-        self._patched = [m for m in self.modules if "forward" not in m.__dict__]
-        for module in self._patched:
-            module.forward = _wide_linear_forward.__get__(module)
-
-    def __exit__(self, *exc) -> None:
-        for module in self._patched:
-            module.__dict__.pop("forward", None)
-        self._patched = []
-
-
-_FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-class _CpuMaskedGqa:
-    """Lets transformers' SDPA attention keep grouped-query attention in tree verification passes on a CPU.
-
-    transformers' `sdpa_attention_forward` repeats the key/value heads of grouped-query attention
-    (`repeat_kv`: a copy of the layer's whole KV cache) whenever an attention mask is passed, because on
-    CUDA a masked `enable_gqa` call falls back to SDPA's math kernel. A tree verification pass always
-    passes a mask, so on a CPU it paid for those copies while plain decoding (no mask) did not: at
-    SmolLM2-135M's shape, context 150, 3.4 ms of a 70 ms forward over 5 tokens. torch's CPU SDPA takes a
-    mask together with `enable_gqa=True` (the same query-to-key head mapping as `repeat_kv`), and
-    transformers reads its switch `TRANSFORMERS_SDPA_FORCE_GQA` at every attention call. Inside
-    `with self:` that switch is set, only when every target weight is on the CPU and the target uses
-    SDPA, and never over a value the user set. The switch is an environment variable, so while a pass
-    runs it also applies to masked SDPA calls of other threads (on CUDA they would take the slower math
-    kernel, with the same results). Whole verification forwards (ms, context 150, min of 3 x
-    median of 5, `tune.measure_verify_time`, switch off / on): q = 5: 75.2 / 70.3; q = 9: 87.4 / 83.4;
-    q = 1 unchanged. Set `CLOVER2_HF_CPU_GQA=0` to switch it off.
-    """
-
-    def __init__(self, target) -> None:
-        self.enabled = (
-            os.environ.get("CLOVER2_HF_CPU_GQA", "1") != "0"
-            and getattr(target.config, "_attn_implementation", None) == "sdpa"
-            and all(p.device.type == "cpu" for p in target.parameters())
-        )
-        self._set = False
-
-    def __enter__(self) -> None:
-        self._set = self.enabled and _FORCE_GQA_ENV not in os.environ
-        if self._set:
-            os.environ[_FORCE_GQA_ENV] = "1"
-
-    def __exit__(self, *exc) -> None:
-        if self._set:
-            os.environ.pop(_FORCE_GQA_ENV, None)
-        self._set = False
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -237,27 +156,6 @@ def _check_supported(target, input_ids: torch.Tensor, generation_config, model_k
 
 
 # --------------------------------------------------------------------------- tree mode
-
-
-def _target_mask_kwargs(target, cache, tree: DraftTree, past_length: int, dtype: torch.dtype):
-    """The `attention_mask` argument for the verification pass: one mask, or one per layer type."""
-    config = target.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-
-    def mask_for(layer_idx: int, sliding: int | None) -> torch.Tensor:
-        kv_length, kv_offset = cache.get_mask_sizes(tree.num_nodes + 1, layer_idx)
-        return tree_attention_mask(tree, past_length, kv_length, kv_offset, dtype, sliding)
-
-    if layer_types is not None:
-        masks = {}
-        for layer_type in dict.fromkeys(layer_types):
-            idx = layer_types.index(layer_type)
-            masks[layer_type] = mask_for(idx, window if layer_type == "sliding_attention" else None)
-        if len(masks) == 1 and "sliding_attention" not in masks:
-            return masks["full_attention"]
-        return masks
-    return mask_for(0, window)
 
 
 def lookup_continuation(context: list[int], num_tokens: int, max_ngram: int) -> list[int]:
@@ -330,6 +228,9 @@ def clover2_tree_decode(
     scores, raw_logits = [], []
     cfg = draft.config
     static_paths = STATIC_TREE_PATHS if cfg.tree_type == "static" else None
+    settings = auto_tree_settings(draft, model)  # explicit config values as they are; "auto" resolved
+    sizer = TreeSizer(settings.costs) if settings.adaptive else None
+    stats.tree_settings = settings.describe()
     device = input_ids.device
     draft_device = draft.fc1.weight.device
     stats.prompt_tokens = input_ids.shape[1]
@@ -375,15 +276,28 @@ def clover2_tree_decode(
             # ---- draft: feed verified positions to the augmenting block, then grow the tree
             _sync(device)
             t0 = time.perf_counter()
-            n_pending = pending_hidden.shape[1]
-            next_ids = input_ids[:, -n_pending:].to(draft_device)
-            augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
-            tree = _grow_tree(draft, int(token), augmented[0, -1], cfg.tree_top_k, cfg.tree_budget, static_paths)
+            drafting = sizer is None or sizer.should_draft()
+            if drafting:
+                n_pending = pending_hidden.shape[1]
+                next_ids = input_ids[:, -n_pending:].to(draft_device)
+                augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
+                pending_hidden = None
+                tree = _grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget, static_paths)
+            else:  # the drafter reads the skipped positions when drafting resumes
+                tree = root_only(int(token), device)
+            num_drafted = tree.num_nodes
             room = gc.max_length - input_ids.shape[1]  # tokens that can still be emitted
             if cfg.tree_lookup_tokens and room > 0:
                 lookup = lookup_continuation(input_ids[0].tolist(), min(cfg.tree_lookup_tokens, room),
                                              cfg.tree_lookup_ngram)
                 tree = add_path(tree, lookup) if lookup else tree
+            if sizer is not None:
+                if drafting:
+                    _sync(device)
+                    sizer.record_draft_time(time.perf_counter() - t0)
+                kept, _ = sizer.choose(tree, num_drafted, drafting)
+                tree = select_nodes(tree, kept)
+                num_drafted = sum(1 for m in kept if m < num_drafted)
             _sync(device)
             t1 = time.perf_counter()
             stats.draft_time_s += t1 - t0
@@ -392,21 +306,29 @@ def clover2_tree_decode(
             past_length = cache.get_seq_length()
             q = tree.num_nodes + 1
             tree_tokens = tree.verify_tokens().to(device)[None]  # [1, q]
-            depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
-            with verify_linears, verify_gqa:
-                out = model(
-                    input_ids=tree_tokens,
-                    attention_mask=_target_mask_kwargs(model, cache, tree, past_length, model.dtype),
-                    position_ids=(past_length + depths)[None],
-                    cache=cache,
-                    use_cache=True,
-                )
+            if q == 1:  # a plain decoding step, run as plain decoding runs it
+                stats.plain_steps += 1
+                out = model(input_ids=tree_tokens, position_ids=torch.tensor([[past_length]], device=device),
+                            cache=cache, use_cache=True)
+            else:
+                depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
+                with verify_linears, verify_gqa:
+                    out = model(
+                        input_ids=tree_tokens,
+                        attention_mask=_target_mask_kwargs(model, cache, tree, past_length, model.dtype),
+                        position_ids=(past_length + depths)[None],
+                        cache=cache,
+                        use_cache=True,
+                    )
             stats.target_forwards += 1
             stats.tree_sizes.append(tree.num_nodes)
             tree_hidden = capture.hidden  # [1, q, H]
             tree_logits = out.logits[0].float()  # [q, V]
             _sync(device)
-            stats.verify_time_s += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            stats.verify_time_s += t2 - t1
+            if sizer is not None:
+                sizer.observe_verify(q, t2 - t1)
 
             # ---- walk the tree: accept children while they equal the target's own choice
             children = tree.children()
@@ -430,12 +352,16 @@ def clover2_tree_decode(
                 path.append(child)
             stats.accepted_depths.append(emitted)
             stats.tokens_per_step.append(emitted + (0 if finished else 1))
+            if sizer is not None:
+                sizer.update(tree, num_drafted, [v - 1 for v in path[1:]])
 
             # ---- keep the accepted path in the target cache; queue its states for the drafter
             compact_cache(cache, q, path)
             if finished:
                 break
-            pending_hidden = tree_hidden[:, path]  # [1, k + 1, H]
+            accepted_hidden = tree_hidden[:, path]  # [1, k + 1, H]
+            pending_hidden = (accepted_hidden if pending_hidden is None
+                              else torch.cat([pending_hidden, accepted_hidden], dim=1))
     finally:
         capture.remove()
         if clover2_streamer is not None:
@@ -549,9 +475,6 @@ def _generate(self, *args, **kwargs):
         return _STOCK_GENERATE(self, *args, **kwargs)
 
     draft.attach_target(self)  # validates hidden size / vocabulary against this target
-    from .tune import apply_tuned_settings  # local import: tune imports this module
-
-    apply_tuned_settings(draft, self)  # `clover2 tune`'s tree budget / top-k for this target and device
     stats = stats if stats is not None else Clover2Stats()
     arguments = dict(bound.arguments)
     arguments.pop("self")
@@ -593,6 +516,11 @@ def _generate(self, *args, **kwargs):
         return result
 
     arguments.pop("assistant_model")
+    if isinstance(arguments.get("custom_generate"), str):
+        # generate(custom_generate=<drafter dir or repo>, trust_remote_code=True): the drafter's own copy of
+        # this loop, for machines without the package; with the package installed, this loop runs instead
+        arguments.pop("custom_generate")
+        arguments.pop("trust_remote_code", None)
     streamer = arguments.get("streamer")
     return _STOCK_GENERATE(
         self,

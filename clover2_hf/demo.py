@@ -136,9 +136,12 @@ class DemoResult:
     clover2_time_s: float
     plain_time_s: float
     tau: float  # tokens per verification pass
+    steps: int  # verification passes after the prefill
     draft_share: float  # fraction of the Clover-2 call spent drafting
     identical: bool  # Clover-2 output == plain greedy output
     drafted_tokens: int  # new tokens that were accepted drafts
+    tree_settings: str = ""  # the tree settings the Clover-2 call used and where they came from
+    plain_steps: int = 0  # verification passes over the root token alone (no tree paid there)
 
     @property
     def clover2_tokens_per_s(self) -> float:
@@ -163,6 +166,8 @@ class DemoResult:
             f"{self.drafted_tokens}/{self.new_tokens} tokens from accepted drafts, "
             f"draft share {100 * self.draft_share:.0f}%",
             f"speedup        : {self.speedup:.2f}x (outputs identical: {'yes' if self.identical else 'NO'})",
+            f"tree settings  : {self.tree_settings}"
+            + (f"; {self.plain_steps} of {self.steps} passes verified no draft (plain steps)" if self.plain_steps else ""),
         ])
 
 
@@ -212,7 +217,10 @@ def run_demo(target, tokenizer, draft, prompt: str = DEFAULT_PROMPT, max_new_tok
         clover2_time_s=clover2_time,
         plain_time_s=plain_time,
         tau=stats.tau,
+        steps=len(stats.tokens_per_step),
         draft_share=stats.draft_share,
         identical=torch.equal(out, plain),
         drafted_tokens=sum(streamer.labels),
+        tree_settings=stats.tree_settings,
+        plain_steps=stats.plain_steps,
     )

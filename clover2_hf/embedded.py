@@ -64,7 +64,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ._files import write_json_atomic
+from ._files import CACHE_ENV_VAR, cache_root, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,6 @@ FULL_INSTALL_COMMAND: str = f"{INSTALL_COMMAND} && {GGUF_READER_INSTALL_COMMAND}
 #: nothing is downloaded).
 ORIGINAL_MODEL_ID: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-#: Environment variable that overrides the cache root directory.
-CACHE_ENV_VAR: str = "CLOVER2_HF_CACHE"
 #: Name of the converted checkpoint directory inside the cache root.
 MODEL_DIR_NAME: str = "smollm2-135m-instruct"
 #: Name of the integrity marker inside the converted checkpoint directory.
@@ -131,22 +129,6 @@ class GGUFNotInstalledError(EmbeddedTargetError, ImportError):
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the cache root directory (not created).
-
-    Order: ``cache_dir`` argument, ``$CLOVER2_HF_CACHE``,
-    ``$XDG_CACHE_HOME/clover2_hf``, ``~/.cache/clover2_hf``.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "clover2_hf"
 
 
 def _model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:

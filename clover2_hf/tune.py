@@ -37,18 +37,16 @@ alone and the lookup path's gain (measured by `clover2 bench`: clover2-tree vs c
 comes on top.
 
 The choice is stored per (target, dtype, device) in ``<cache root>/tuning.json`` (cache root:
-``$CLOVER2_HF_CACHE``, else ``$XDG_CACHE_HOME/clover2_hf``, else ``~/.cache/clover2_hf``), and
-`apply_tuned_settings(draft, target)` puts it into `draft.config` (see its docstring for when it
-leaves the config alone).
+``$CLOVER2_HF_CACHE``, else ``$XDG_CACHE_HOME/clover2_hf``, else ``~/.cache/clover2_hf``), together
+with the measured verification costs. `generate` reads it only for tree settings that are ``"auto"``
+(`clover2_hf.cost_model.auto_tree_settings`); a drafter's config is never changed. `tune` does not store
+a choice from noisy timings or one predicted slower than plain decoding (see `tune`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -58,12 +56,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from ._files import write_json_atomic
-from .configuration_clover2 import Clover2Config
-from .decoding import _CpuMaskedGqa, _CpuVerifyLinears, _grow_tree, _PreNormCapture, _target_mask_kwargs
-from .embedded import cache_root
+from .cost_model import (
+    TUNING_DISABLE_ENV_VAR,
+    device_key,
+    entry_key,
+    load_tuned_settings,
+    measure_verify_samples,
+    CpuUsage,
+    measure_verify_time,
+    read_entries,
+    timing_spread,
+    target_key,
+    tuning_file,
+    write_entries,
+)
+from .decoding import _grow_tree, _PreNormCapture
 from .tree import DraftTree
 
 logger = logging.getLogger(__name__)
@@ -73,7 +81,6 @@ __all__ = [
     "DEFAULT_TOP_KS",
     "TUNING_DISABLE_ENV_VAR",
     "TuneResult",
-    "apply_tuned_settings",
     "choose_tree_settings",
     "cpu_has_bf16_matmul",
     "default_draft_dtype",
@@ -82,7 +89,9 @@ __all__ = [
     "measure_draft_time",
     "measure_tokens_per_step",
     "measure_verify_time",
+    "remove_tuned_settings",
     "save_tuned_settings",
+    "stored_settings",
     "target_key",
     "tree_nodes",
     "tune",
@@ -91,10 +100,6 @@ __all__ = [
 
 DEFAULT_BUDGETS: tuple[int, ...] = (4, 8, 12, 16, 24, 32, 48, 64, 96)
 DEFAULT_TOP_KS: tuple[int, ...] = (2, 4, 6, 8, 10)
-TUNING_FILENAME = "tuning.json"
-#: Set to "0" to make `apply_tuned_settings` a no-op (e.g. for reproducible benchmarks).
-TUNING_DISABLE_ENV_VAR = "CLOVER2_HF_TUNING"
-_FORMAT_VERSION = 1
 
 
 # --------------------------------------------------------------------------- drafter precision
@@ -126,119 +131,23 @@ def default_draft_dtype(device: torch.device | str, target_dtype: torch.dtype) -
 # --------------------------------------------------------------------------- keys and storage
 
 
-def target_key(target) -> str:
-    """Identity of a target for the tuning file: its name or path (else an architecture fingerprint) and dtype."""
-    config = target.config.get_text_config()
-    name = getattr(target, "name_or_path", "") or (
-        f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{config.vocab_size}"
-    )
-    return f"{name} [{str(target.dtype).removeprefix('torch.')}]"
-
-
-def device_key(device: torch.device | str) -> str:
-    """Identity of a device: the CUDA device name, or CPU architecture and torch thread count."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    if device.type == "cpu":
-        return f"cpu:{platform.machine()}:{torch.get_num_threads()}threads"
-    return device.type
-
-
-def tuning_file(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The tuning JSON: `<cache root>/tuning.json` (see the module docstring for the cache root)."""
-    return cache_root(cache_dir) / TUNING_FILENAME
-
-
-_FILE_CACHE: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
-
-
-def _read_entries(path: Path) -> dict[str, Any]:
-    """The file's entries ({key: record}); {} when absent or unreadable (with a warning)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return {}
-    stamp = (st.st_mtime_ns, st.st_size)
-    cached = _FILE_CACHE.get(path)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        entries = data["entries"]
-        if not isinstance(entries, dict):
-            raise TypeError("entries is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("ignoring unreadable Clover-2 tuning file %s (%s)", path, exc)
-        entries = {}
-    _FILE_CACHE[path] = (stamp, entries)
-    return entries
-
-
-def _entry_key(target) -> str:
-    return f"{target_key(target)} @ {device_key(target.device)}"
-
-
 def save_tuned_settings(result: TuneResult, target, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Store `result`'s choice for (target, dtype, device) in the tuning file (atomic write). Returns its path."""
     path = tuning_file(cache_dir)
-    entries = dict(_read_entries(path))
-    entries[_entry_key(target)] = {
+    entries = dict(read_entries(path))
+    entries[entry_key(target)] = {
         "tree_budget": result.budget,
         "tree_top_k": result.top_k,
         "expected_tokens_per_step": result.expected_tokens_per_step,
         "expected_tokens_per_s": result.expected_tokens_per_s,
         "expected_speedup": result.expected_speedup,
         "context_length": result.context_length,
+        "verify_time_s": {str(q): t for q, t in result.verify_time_s.items()},
         "draft": result.draft,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"version": _FORMAT_VERSION, "entries": entries}, tmp_prefix=".tuning-")
+    write_entries(path, entries)
     return path
-
-
-def load_tuned_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
-    """The stored choice for `target` (name, dtype) on its current device, or None.
-
-    Returns the record: `tree_budget`, `tree_top_k`, `expected_tokens_per_s`, ... . A record tuned with
-    another drafter is still returned (the budget mostly depends on the device), with a debug log.
-    """
-    record = _read_entries(tuning_file(cache_dir)).get(_entry_key(target))
-    if record is None:
-        return None
-    budget, top_k = record.get("tree_budget"), record.get("tree_top_k")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (budget, top_k)):
-        logger.warning("ignoring malformed Clover-2 tuning record for %s: %r", _entry_key(target), record)
-        return None
-    name = getattr(draft, "name_or_path", "") or None
-    if record.get("draft") not in (None, name):
-        logger.debug("Clover-2 tuning record was measured with drafter %s, using it for %s", record.get("draft"), name)
-    return dict(record)
-
-
-def apply_tuned_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None,
-                         force: bool = False) -> dict[str, Any] | None:
-    """Set `draft.config.tree_budget` / `tree_top_k` from the tuning file; returns the record applied, or None.
-
-    Cheap enough to call on every `generate` (the file is re-read only when it changes). It does
-    nothing when ``$CLOVER2_HF_TUNING=0``, when no record exists, or, unless `force`, when the
-    user chose the tree settings: it only replaces values that are still the `Clover2Config`
-    defaults (25, 10) or that it set itself earlier on this drafter.
-    """
-    if os.environ.get(TUNING_DISABLE_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    cfg = draft.config
-    current = (cfg.tree_budget, cfg.tree_top_k)
-    defaults = (Clover2Config.tree_budget, Clover2Config.tree_top_k)
-    if not force and current != defaults and current != getattr(draft, "_clover2_tuned_settings", None):
-        return None
-    record = load_tuned_settings(draft, target, cache_dir)
-    if record is None:
-        return None
-    cfg.tree_budget, cfg.tree_top_k = record["tree_budget"], record["tree_top_k"]
-    object.__setattr__(draft, "_clover2_tuned_settings", (cfg.tree_budget, cfg.tree_top_k))
-    return record
 
 
 # --------------------------------------------------------------------------- measurements
@@ -249,65 +158,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
+def _interleaved_samples(fns: dict[Any, Callable[[], None]], device: torch.device, rounds: int,
+                         timer: Callable[[], float], progress: Callable[[], None] | None) -> dict[Any, list[float]]:
+    """`rounds` timings of every fn, one of each per round after a warm-up round (a burst of load from
+    another process then hits all of them alike)."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _binary_tree(num_nodes: int, device: torch.device) -> DraftTree:
-    """A tree of `num_nodes` draft nodes (verify index v has parent v // 2), for timing only."""
-    verify = torch.arange(1, num_nodes + 1)
-    parents = verify // 2
-    depths = torch.zeros(num_nodes, dtype=torch.long)
-    for m in range(num_nodes):
-        depths[m] = 1 if parents[m] == 0 else depths[parents[m] - 1] + 1
-    return DraftTree(root_token=0, tokens=torch.zeros(num_nodes, dtype=torch.long, device=device),
-                     parents=parents.to(device), depths=depths.to(device), scores=torch.zeros(num_nodes, device=device))
-
-
-@torch.no_grad()
-def measure_verify_time(target, num_tokens: Sequence[int], context_length: int = 256, repeats: int = 5,
-                        seed: int = 0) -> dict[int, float]:
-    """Seconds of one target verification forward over q tokens, for each q in `num_tokens`.
-
-    The forward uses a tree attention mask (a binary tree of q - 1 nodes) and positions
-    context + depth, on top of a KV cache of `context_length` random tokens, exactly as tree decoding
-    does; the cache is cropped back after each forward. q = 1 is a plain decoding step.
-    """
-    device = target.device
-    vocab = target.config.get_text_config().vocab_size
-    g = torch.Generator().manual_seed(seed)
-    ctx = torch.randint(0, vocab, (1, max(context_length, 1)), generator=g).to(device)
-    cache = DynamicCache(config=target.config)
-    if hasattr(cache, "activate_past_recording"):
-        cache.activate_past_recording()
-    target(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
-    past = cache.get_seq_length()
-    linears, gqa = _CpuVerifyLinears(target), _CpuMaskedGqa(target)
-    out: dict[int, float] = {}
-    for q in sorted(set(int(n) for n in num_tokens)):
-        if q < 1:
-            raise ValueError(f"token counts must be >= 1, got {q}")
-        tree = _binary_tree(q - 1, device)
-        tokens = torch.randint(0, vocab, (1, q), generator=g).to(device)
-
-        def step(tree=tree, tokens=tokens, q=q) -> None:
-            depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
-            mask = _target_mask_kwargs(target, cache, tree, past, target.dtype)
-            with linears if q > 1 else contextlib.nullcontext(), gqa:  # as tree decoding runs it
-                target(input_ids=tokens, attention_mask=mask, position_ids=(past + depths)[None], cache=cache,
-                       use_cache=True)
-            cache.crop(-q)
-
-        out[q] = _median_time(step, device, repeats)
-    return out
+    samples: dict[Any, list[float]] = {key: [] for key in fns}
+    for _ in range(max(rounds, 1)):
+        for key, fn in fns.items():
+            _sync(device)
+            t0 = timer()
+            fn()
+            _sync(device)
+            samples[key].append(timer() - t0)
+            if progress is not None:
+                progress()
+    return samples
 
 
 def tree_nodes(top_k: int, num_depths: int) -> int:
@@ -317,8 +184,11 @@ def tree_nodes(top_k: int, num_depths: int) -> int:
 
 @torch.no_grad()
 def measure_draft_time(draft, top_ks: Sequence[int], context_length: int = 256, augment_tokens: int = 3,
-                       repeats: int = 5, seed: int = 0, budget: int | None = None) -> dict[int, float]:
-    """Seconds of one drafting phase for each top_k (see the module docstring), on the drafter's device.
+                       repeats: int = 5, seed: int = 0, budget: int | None = None,
+                       timer: Callable[[], float] = time.perf_counter,
+                       progress: Callable[[], None] | None = None, samples: dict | None = None) -> dict[int, float]:
+    """Seconds of one drafting phase for each top_k (see the module docstring), on the drafter's device:
+    the minimum over `repeats` interleaved rounds (`samples`, when given, receives every timing).
 
     `budget` None grows the whole tree (all draft depths); a budget below the number of depths stops
     growing at depth `budget`, as `build_tree` does."""
@@ -331,7 +201,7 @@ def measure_draft_time(draft, top_ks: Sequence[int], context_length: int = 256, 
                   torch.randint(0, vocab, (1, max(context_length, 1)), generator=g).to(device), cache=cache)
     states = torch.randn(1, augment_tokens, hidden, generator=g).to(device, dtype)
     ids = torch.randint(0, vocab, (1, augment_tokens), generator=g).to(device)
-    out: dict[int, float] = {}
+    steps = {}
     for k in sorted(set(int(k) for k in top_ks)):
         nodes = budget if budget is not None else tree_nodes(k, draft.config.num_draft_depths)
 
@@ -340,8 +210,11 @@ def measure_draft_time(draft, top_ks: Sequence[int], context_length: int = 256, 
             _grow_tree(draft, int(ids[0, -1]), augmented[0, -1], k, budget)
             cache.crop(-augment_tokens)
 
-        out[k] = _median_time(step, device, repeats)
-    return out
+        steps[k] = step
+    timings = _interleaved_samples(steps, device, repeats, timer, progress)
+    if samples is not None:
+        samples.update(timings)
+    return {k: min(ts) for k, ts in timings.items()}
 
 
 def _selection_ranks(tree: DraftTree) -> list[int]:
@@ -356,13 +229,15 @@ def _selection_ranks(tree: DraftTree) -> list[int]:
 
 @torch.no_grad()
 def measure_tokens_per_step(target, draft, prompts: Sequence[torch.Tensor], budgets: Sequence[int],
-                            top_ks: Sequence[int], max_new_tokens: int = 64) -> dict[tuple[int, int], float]:
+                            top_ks: Sequence[int], max_new_tokens: int = 64,
+                            as_totals: bool = False) -> dict[tuple[int, int], Any]:
     """Expected tokens per verification pass for every (budget, top_k), by greedy replay (module docstring).
 
     Args:
         prompts: 1-D (or [1, P]) token id tensors, e.g. chat-templated questions.
     Returns:
         {(budget, top_k): tokens per step}; a (budget, top_k) with budget > nodes(top_k) is the full tree.
+        With `as_totals`, {(budget, top_k): [tokens, steps]} instead (to sum over calls).
     """
     draft.attach_target(target)
     device = target.device
@@ -411,6 +286,8 @@ def measure_tokens_per_step(target, draft, prompts: Sequence[torch.Tensor], budg
                     totals[(b, k)][0] += emitted
                     totals[(b, k)][1] += 1
                     r += emitted
+    if as_totals:
+        return totals
     if all(steps == 0 for _, steps in totals.values()):
         raise ValueError("calibration produced no decoding step: use longer generations or more prompts")
     return {key: tokens / steps for key, (tokens, steps) in totals.items()}
@@ -436,6 +313,10 @@ class TuneResult:
     target: str | None = None
     device: str | None = None
     draft: str | None = None
+    noise: float | None = None  # median over timed points of (median sample / min sample - 1)
+    other_cpu_load: float | None = None  # CPU cores other processes kept busy while timing (CPU only)
+    stored: bool = False
+    refused: str | None = None  # why the choice was not stored (noise, or predicted slower than plain)
 
     @property
     def expected_speedup(self) -> float | None:
@@ -500,6 +381,12 @@ def choose_tree_settings(
     )
 
 
+#: `tune` refuses to store when the timings spread more than this between rounds (median/min - 1) ...
+NOISE_LIMIT = 0.15
+#: ... or when other processes kept more than this many CPU cores busy while it timed (CPU targets).
+OTHER_LOAD_LIMIT = 0.25
+
+
 def tune(
     target,
     draft,
@@ -515,8 +402,19 @@ def tune(
     verify_time_fn: Callable[[int], float] | None = None,
     save: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+    noise_limit: float = NOISE_LIMIT,
+    other_load_limit: float = OTHER_LOAD_LIMIT,
+    progress: bool = False,
 ) -> TuneResult:
     """Measure the cost model on this device, pick (budget, top_k) and (by default) store it.
+
+    Timings are taken in interleaved rounds and summarised by their minimum (load only adds time).
+    The choice is NOT stored, and `result.refused` says why, when the rounds disagree by more than
+    `noise_limit` (median/min - 1), when other processes kept more than `other_load_limit` CPU cores
+    busy during the timings (CPU targets), or when the best tree is predicted slower than plain
+    decoding (a stale record for this target and device is then removed, so `generate` sizes trees
+    per step again).
 
     Args:
         target, draft: the target and its Clover-2 drafter (dynamic tree), on the device to tune for.
@@ -524,11 +422,13 @@ def tune(
         budgets, top_ks: candidate tree budgets and top-k values.
         max_new_tokens: length of each calibration continuation.
         context_length: KV-cache length for the timing runs (default: mean prompt length + max_new_tokens / 2).
-        repeats: timed runs per measured point (median).
+        repeats: interleaved timing rounds per measured point.
         tokens_per_step_fn, draft_time_fn, verify_time_fn: replace a measured part of the cost model
             (tests, or a model of another device); signatures as in `choose_tree_settings`.
         save: store the choice in the tuning file for (target, dtype, device).
-        cache_dir: cache root of the tuning file (default: see the module docstring).
+        cache_dir: cache root of the tuning file (default: see `clover2_hf.cost_model.tuning_file`).
+        timer: clock in seconds for the timings (injectable for tests).
+        progress: show a progress bar (with ETA) over calibration prompts and timed passes.
     """
     if draft.config.tree_type != "dynamic":
         raise ValueError("tuning chooses a dynamic tree's budget and top_k; this drafter uses a static tree")
@@ -544,31 +444,59 @@ def tune(
     if context_length is None:
         lengths = [int(p.numel()) for p in prompts] or [128]
         context_length = int(sum(lengths) / len(lengths)) + max_new_tokens // 2
+    qs = sorted({1} | {min(b, max_nodes(k)) + 1 for b in budgets for k in top_ks})
+    short = sorted({b for b in budgets if b < depths})
+    total = ((len(prompts) if tokens_per_step_fn is None else 0)
+             + (len(qs) * repeats if verify_time_fn is None else 0)
+             + (len(top_ks) * repeats * (1 + len(short)) if draft_time_fn is None else 0))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="clover2 tune", unit="step", disable=not progress, leave=False)
     verify_table: dict[int, float] = {}
-    draft_table: dict[int, float] = {}
-    if tokens_per_step_fn is None:
-        logger.info("calibrating acceptance on %d prompt(s), %d new tokens each", len(prompts), max_new_tokens)
-        measured = measure_tokens_per_step(target, draft, prompts, budgets, top_ks, max_new_tokens)
+    draft_table: dict[str, float] = {}
+    samples: dict[Any, list[float]] = {}
+    usage = CpuUsage()
+    try:
+        if tokens_per_step_fn is None:
+            logger.info("calibrating acceptance on %d prompt(s), %d new tokens each", len(prompts), max_new_tokens)
+            measured: dict[tuple[int, int], list[float]] = {}
+            per_prompt = []
+            for prompt in prompts:
+                per_prompt.append(measure_tokens_per_step(target, draft, [prompt], budgets, top_ks, max_new_tokens,
+                                                          as_totals=True))
+                bar.update(1)
+            for key in per_prompt[0]:
+                measured[key] = [sum(t[key][0] for t in per_prompt), sum(t[key][1] for t in per_prompt)]
+            if all(steps == 0 for _, steps in measured.values()):
+                raise ValueError("calibration produced no decoding step: use longer generations or more prompts")
 
-        def tokens_per_step_fn(b: int, k: int) -> float:
-            return measured[(b, k)]
-    if verify_time_fn is None:
-        qs = {1} | {min(b, max_nodes(k)) + 1 for b in budgets for k in top_ks}
-        logger.info("timing target forwards over %d token counts at context %d", len(qs), context_length)
-        verify_table = measure_verify_time(target, sorted(qs), context_length, repeats)
-        verify_time_fn = verify_table.__getitem__
-    if draft_time_fn is None:
-        logger.info("timing the drafter for top_k in %s", top_ks)
-        # budgets below the depth count grow fewer depths (see build_tree): timed apart
-        short = sorted({b for b in budgets if b < depths})
-        tables = {None: measure_draft_time(draft, top_ks, context_length, repeats=repeats)}
-        for b in short:
-            tables[b] = measure_draft_time(draft, top_ks, context_length, repeats=repeats, budget=b)
-        draft_table = {f"{k}" if b is None else f"{k}@budget{b}": t for b, table in tables.items()
-                       for k, t in table.items()}
+            def tokens_per_step_fn(b: int, k: int) -> float:
+                tokens, steps = measured[(b, k)]
+                return tokens / steps if steps else 1.0
+        with usage:
+            if verify_time_fn is None:
+                logger.info("timing target forwards over %d token counts at context %d", len(qs), context_length)
+                verify_samples = measure_verify_samples(target, qs, context_length, repeats, timer=timer,
+                                                        progress=lambda: bar.update(1))
+                samples.update({("verify", q): ts for q, ts in verify_samples.items()})
+                verify_table = {q: min(ts) for q, ts in verify_samples.items()}
+                verify_time_fn = verify_table.__getitem__
+            if draft_time_fn is None:
+                logger.info("timing the drafter for top_k in %s", top_ks)
+                # budgets below the depth count grow fewer depths (see build_tree): timed apart
+                tables = {}
+                for b in [None, *short]:
+                    draft_samples: dict = {}
+                    tables[b] = measure_draft_time(draft, top_ks, context_length, repeats=repeats, budget=b,
+                                                   timer=timer, progress=lambda: bar.update(1), samples=draft_samples)
+                    samples.update({("draft", b, k): ts for k, ts in draft_samples.items()})
+                draft_table = {f"{k}" if b is None else f"{k}@budget{b}": t for b, table in tables.items()
+                               for k, t in table.items()}
 
-        def draft_time_fn(b: int, k: int) -> float:
-            return tables[b if b < depths else None][k]
+                def draft_time_fn(b: int, k: int) -> float:
+                    return tables[b if b < depths else None][k]
+    finally:
+        bar.close()
 
     result = choose_tree_settings(budgets, top_ks, tokens_per_step_fn, draft_time_fn, verify_time_fn, max_nodes)
     try:
@@ -580,8 +508,49 @@ def tune(
     result.verify_time_s, result.draft_time_s = verify_table, draft_table
     result.target, result.device = target_key(target), device_key(target.device)
     result.draft = getattr(draft, "name_or_path", "") or None
-    if save:
+    result.noise = timing_spread(samples) if samples else None
+    if samples and target.device.type == "cpu":
+        result.other_cpu_load = usage.other_cores
+
+    if result.noise is not None and result.noise > noise_limit:
+        result.refused = (f"the timings varied by {100 * result.noise:.0f}% between rounds (limit "
+                          f"{100 * noise_limit:.0f}%): another process is probably using this device; "
+                          "rerun `clover2 tune` on a quiet machine")
+    elif result.other_cpu_load is not None and result.other_cpu_load > other_load_limit:
+        result.refused = (f"other processes kept {result.other_cpu_load:.1f} CPU cores busy while timing (limit "
+                          f"{other_load_limit:.2f}): rerun `clover2 tune` on a quiet machine")
+    elif result.expected_speedup is not None and result.expected_speedup < 1.0:
+        result.refused = (f"the best tree (budget {result.budget}, top-k {result.top_k}) is predicted slower than "
+                          f"plain decoding ({result.expected_speedup:.2f}x); generate() keeps sizing trees per step")
+        if save:
+            removed = remove_tuned_settings(target, cache_dir)
+            if removed:
+                result.refused += "; the earlier stored choice for this target and device was removed"
+    if save and result.refused is None:
         path = save_tuned_settings(result, target, cache_dir)
+        result.stored = True
         logger.info("stored tree_budget=%d tree_top_k=%d for %s in %s", result.budget, result.top_k,
-                    _entry_key(target), path)
+                    entry_key(target), path)
     return result
+
+
+def stored_settings(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Every record of the tuning file ({"<target> [dtype] @ <device>": record}); {} when there is none."""
+    return dict(read_entries(tuning_file(cache_dir)))
+
+
+def remove_tuned_settings(target=None, cache_dir: str | os.PathLike[str] | None = None) -> int:
+    """Remove `target`'s record on its current device (or, with `target` None, every record); returns
+    how many records were removed."""
+    path = tuning_file(cache_dir)
+    entries = dict(read_entries(path))
+    if target is None:
+        removed = len(entries)
+        if path.exists():
+            path.unlink()
+        return removed
+    if entry_key(target) not in entries:
+        return 0
+    del entries[entry_key(target)]
+    write_entries(path, entries)
+    return 1

@@ -61,10 +61,15 @@ class Clover2Config(PreTrainedConfig):
             target pass (the paper's method) or a top-1 chain through transformers' assisted decoding.
         tree_type (`"dynamic"` or `"static"`, defaults to `"dynamic"`):
             Dynamic expands nodes by cumulative path probability; static uses the reference tree shape.
-        tree_budget (`int`, defaults to 25):
-            Number of draft tokens (tree nodes, root excluded) verified per target forward pass.
-        tree_top_k (`int`, defaults to 10):
-            Number of children considered per expanded node.
+        tree_budget (`int` or `"auto"`, defaults to `"auto"`):
+            Number of draft tokens (tree nodes, root excluded) verified per target forward pass. `"auto"`:
+            `clover2 tune`'s stored choice for this target and device when there is one, else the tree is
+            sized at every step from the device's measured verification costs and the drafter's own path
+            probabilities, down to a plain step when no tree pays (`clover2_hf.cost_model`). An integer
+            is used as it is (the paper's setting is 25).
+        tree_top_k (`int` or `"auto"`, defaults to `"auto"`):
+            Number of children considered per expanded node (the paper's setting is 10); `"auto"`: the
+            tuned value, else about sqrt(budget) + 1.
         tree_lookup_tokens (`int`, defaults to 10):
             Tree mode: also verify up to this many prompt-lookup tokens per pass (what followed the latest
             earlier occurrence of the last `tree_lookup_ngram`..2 tokens of prompt + output), merged into
@@ -91,8 +96,8 @@ class Clover2Config(PreTrainedConfig):
     base_model_name_or_path: str | None = None
     decoding: Literal["tree", "chain"] = "tree"
     tree_type: Literal["dynamic", "static"] = "dynamic"
-    tree_budget: int = 25
-    tree_top_k: int = 10
+    tree_budget: int | Literal["auto"] = "auto"
+    tree_top_k: int | Literal["auto"] = "auto"
     tree_lookup_tokens: int = 10
     tree_lookup_ngram: int = 3
     initializer_range: float = 0.02
@@ -117,8 +122,9 @@ class Clover2Config(PreTrainedConfig):
             )
         _check_int("num_draft_depths", self.num_draft_depths, 1)
         _check_int("num_augmenting_layers", self.num_augmenting_layers, 1)
-        _check_int("tree_budget", self.tree_budget, 1)
-        _check_int("tree_top_k", self.tree_top_k, 1)
+        for name in ("tree_budget", "tree_top_k"):
+            if getattr(self, name) != "auto":
+                _check_int(name, getattr(self, name), 1, also='or "auto"')
         _check_int("tree_lookup_tokens", self.tree_lookup_tokens, 0)
         _check_int("tree_lookup_ngram", self.tree_lookup_ngram, 2)
         for name in ("regression_loss_weight", "distillation_loss_weight", "init_noise"):
@@ -148,9 +154,9 @@ class Clover2Config(PreTrainedConfig):
         return self.text_config.vocab_size
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int, also: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}{' ' + also if also else ''}, got {value!r}")
 
 
 Clover2Config.register_for_auto_class()

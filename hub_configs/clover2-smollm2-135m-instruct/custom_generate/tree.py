@@ -195,6 +195,36 @@ def add_path(tree: DraftTree, path_tokens: Sequence[int]) -> DraftTree:
     )
 
 
+def select_nodes(tree: DraftTree, keep: Sequence[int]) -> DraftTree:
+    """The sub-tree of the nodes `keep` (node indices m = verify index - 1, ascending, closed under
+    ancestors), in the same verification order with parents re-indexed; `tree` itself when all are kept."""
+    keep = list(keep)
+    if len(keep) == tree.num_nodes:
+        return tree
+    position = {m + 1: v + 1 for v, m in enumerate(keep)}  # old verify index -> new verify index
+    position[0] = 0
+    old_parents = tree.parents.tolist()
+    try:
+        parents = [position[old_parents[m]] for m in keep]
+    except KeyError as exc:
+        raise ValueError(f"select_nodes: kept nodes {keep} are not closed under ancestors") from exc
+    index = torch.tensor(keep, dtype=torch.long, device=tree.tokens.device)
+    return DraftTree(
+        root_token=tree.root_token,
+        tokens=tree.tokens[index],
+        parents=torch.tensor(parents, dtype=tree.parents.dtype, device=tree.parents.device),
+        depths=tree.depths[index.to(tree.depths.device)],
+        scores=tree.scores[index.to(tree.scores.device)],
+    )
+
+
+def root_only(root_token: int, device: torch.device | str = "cpu") -> DraftTree:
+    """A tree without draft nodes: verifying it is a plain decoding step."""
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return DraftTree(root_token=int(root_token), tokens=empty, parents=empty.clone(), depths=empty.clone(),
+                     scores=torch.zeros(0, device=device))
+
+
 def _level_paths(levels, static_paths) -> list[tuple[int, ...]]:
     return _all_paths(levels, static_paths)[-1]
 

@@ -1,0 +1,608 @@
+"""What a verification pass costs on this device, and how much of a drafted tree is worth verifying.
+
+Clover-2 pays only when a step (drafting + one target pass over q = 1 + nodes tokens) emits more
+tokens per second than plain decoding (one pass over 1 token). How the pass cost grows with q is a
+property of the target and the device (nearly flat up to tens of tokens on a GPU, steep on a CPU), so
+a tree that wins on one machine loses on another. This module holds:
+
+* `measure_verify_time`: the cost of one verification forward over q tokens, timed as tree decoding
+  runs it (tree mask, positions context + depth, the CPU kernel switches), in interleaved rounds;
+* `DeviceCosts` / `device_costs`: that table for a (target, dtype, device), measured once on first use
+  and cached in ``<cache root>/calibration.json``, or taken from `clover2 tune`'s record;
+* `TreeSizer`: the per-step policy used when `tree_budget` is ``"auto"``: from the drafter's own path
+  probabilities it predicts how many tokens each node adds, keeps the prefix of the tree (best nodes
+  first) that maximises predicted tokens per second of verification, verifies the root alone (a plain
+  step) when no tree beats that, and stops drafting for a while when drafting itself does not pay;
+* the tuning file's reader (`load_tuned_settings`): `clover2 tune` writes it, and it may only fill in
+  settings that are ``"auto"``.
+
+Which tree is verified never changes which tokens are emitted (every emitted token is the target's
+own choice), only how many come per pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from ._files import cache_root, write_json_atomic
+from .tree import DraftTree
+from .verification import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CALIBRATION_TOKENS",
+    "CpuUsage",
+    "DeviceCosts",
+    "TUNING_DISABLE_ENV_VAR",
+    "TreeSizer",
+    "auto_tree_settings",
+    "device_costs",
+    "device_key",
+    "load_tuned_settings",
+    "measure_verify_samples",
+    "measure_verify_time",
+    "target_key",
+    "timing_spread",
+    "tuning_file",
+]
+
+#: Token counts q timed by the first-use calibration (1 = a plain decoding step).
+CALIBRATION_TOKENS: tuple[int, ...] = (1, 2, 3, 5, 9, 17, 33, 65)
+CALIBRATION_FILENAME = "calibration.json"
+#: The first-use calibration is not cached when its rounds disagree by more than this (median/min - 1) ...
+CALIBRATION_NOISE_LIMIT = 0.15
+#: ... or when other processes kept more than this many CPU cores busy while it timed.
+CALIBRATION_LOAD_LIMIT = 0.25
+TUNING_FILENAME = "tuning.json"
+#: Set to "0" to ignore the tuning file (e.g. for reproducible benchmarks).
+TUNING_DISABLE_ENV_VAR = "CLOVER2_HF_TUNING"
+_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- keys and files
+
+
+def target_key(target) -> str:
+    """Identity of a target for the tuning and calibration files: its name or path (else an
+    architecture fingerprint) and dtype."""
+    config = target.config.get_text_config()
+    name = getattr(target, "name_or_path", "") or (
+        f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{config.vocab_size}"
+    )
+    return f"{name} [{str(target.dtype).removeprefix('torch.')}]"
+
+
+def device_key(device: torch.device | str) -> str:
+    """Identity of a device: the CUDA device name, or CPU architecture and torch thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"cpu:{platform.machine()}:{torch.get_num_threads()}threads"
+    return device.type
+
+
+def entry_key(target) -> str:
+    """The key of `target` on its current device in the tuning and calibration files."""
+    return f"{target_key(target)} @ {device_key(target.device)}"
+
+
+def tuning_file(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The tuning JSON written by `clover2 tune`: ``<cache root>/tuning.json``.
+
+    Cache root: `cache_dir`, else ``$CLOVER2_HF_CACHE``, else ``$XDG_CACHE_HOME/clover2_hf``, else
+    ``~/.cache/clover2_hf``."""
+    return cache_root(cache_dir) / TUNING_FILENAME
+
+
+def calibration_file(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The first-use calibration JSON: ``<cache root>/calibration.json``."""
+    return cache_root(cache_dir) / CALIBRATION_FILENAME
+
+
+_FILE_CACHE: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
+def read_entries(path: Path) -> dict[str, Any]:
+    """The entries ({key: record}) of a tuning or calibration file; {} when absent or unreadable (warned)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return {}
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _FILE_CACHE.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise TypeError("entries is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring unreadable Clover-2 file %s (%s)", path, exc)
+        entries = {}
+    _FILE_CACHE[path] = (stamp, entries)
+    return entries
+
+
+def write_entries(path: Path, entries: dict[str, Any]) -> None:
+    """Replace the entries of a tuning or calibration file (atomic write)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"version": _FORMAT_VERSION, "entries": entries}, tmp_prefix=f".{path.stem}-")
+
+
+def tuning_disabled() -> bool:
+    return os.environ.get(TUNING_DISABLE_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def load_tuned_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
+    """`clover2 tune`'s stored record for `target` (name, dtype) on its current device, or None.
+
+    The record holds `tree_budget`, `tree_top_k`, the measured `verify_time_s` table, ... . A record
+    tuned with another drafter is still returned (the budget mostly depends on the device), with a
+    debug log. None when ``$CLOVER2_HF_TUNING=0``.
+    """
+    if tuning_disabled():
+        return None
+    record = read_entries(tuning_file(cache_dir)).get(entry_key(target))
+    if record is None:
+        return None
+    budget, top_k = record.get("tree_budget"), record.get("tree_top_k")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (budget, top_k)):
+        logger.warning("ignoring malformed Clover-2 tuning record for %s: %r", entry_key(target), record)
+        return None
+    name = getattr(draft, "name_or_path", "") or None
+    if record.get("draft") not in (None, name):
+        logger.debug("Clover-2 tuning record was measured with drafter %s, using it for %s", record.get("draft"), name)
+    return dict(record)
+
+
+# --------------------------------------------------------------------------- timing verification passes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def binary_tree(num_nodes: int, device: torch.device) -> DraftTree:
+    """A tree of `num_nodes` draft nodes (verify index v has parent v // 2), for timing only."""
+    verify = torch.arange(1, num_nodes + 1)
+    parents = verify // 2
+    depths = torch.zeros(num_nodes, dtype=torch.long)
+    for m in range(num_nodes):
+        depths[m] = 1 if parents[m] == 0 else depths[parents[m] - 1] + 1
+    return DraftTree(root_token=0, tokens=torch.zeros(num_nodes, dtype=torch.long, device=device),
+                     parents=parents.to(device), depths=depths.to(device), scores=torch.zeros(num_nodes, device=device))
+
+
+@torch.no_grad()
+def measure_verify_samples(target, num_tokens: Sequence[int], context_length: int = 256, rounds: int = 5,
+                           seed: int = 0, timer: Callable[[], float] = time.perf_counter,
+                           progress: Callable[[], None] | None = None,
+                           stop_ratio: float | None = None) -> dict[int, list[float]]:
+    """Seconds of one target verification forward over q tokens, `rounds` samples for each q.
+
+    Each forward uses a tree attention mask (a binary tree of q - 1 nodes) and positions context +
+    depth on top of a KV cache of `context_length` random tokens, with the same CPU kernel switches as
+    tree decoding; q = 1 is a plain decoding step (no mask, no switches, as plain decoding runs it).
+    The q values are timed in interleaved rounds (every q once per round, after one warm-up round),
+    so a burst of load from another process hits all of them alike instead of one q. `timer` returns
+    seconds (injectable for tests); `progress` is called after every timed forward. With `stop_ratio`,
+    the warm-up round stops at the first q whose pass costs more than `stop_ratio` 1-token passes, and
+    larger q are not timed (`DeviceCosts` extrapolates).
+    """
+    device = target.device
+    vocab = target.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(0, vocab, (1, max(context_length, 1)), generator=g).to(device)
+    cache = DynamicCache(config=target.config)
+    cache.activate_past_recording()
+    target(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
+    past = cache.get_seq_length()
+    linears, gqa = CpuVerifyLinears(target), CpuMaskedGqa(target)
+    qs = sorted(set(int(n) for n in num_tokens))
+    if not qs or qs[0] < 1:
+        raise ValueError(f"token counts must be >= 1, got {num_tokens}")
+    steps = {}
+    for q in qs:
+        tree = binary_tree(q - 1, device)
+        tokens = torch.randint(0, vocab, (1, q), generator=g).to(device)
+
+        def step(tree=tree, tokens=tokens, q=q) -> None:
+            if q == 1:
+                target(input_ids=tokens, position_ids=torch.tensor([[past]], device=device), cache=cache,
+                       use_cache=True)
+            else:
+                depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
+                mask = target_mask_kwargs(target, cache, tree, past, target.dtype)
+                with linears, gqa:  # as tree decoding runs it
+                    target(input_ids=tokens, attention_mask=mask, position_ids=(past + depths)[None], cache=cache,
+                           use_cache=True)
+            cache.crop(-q)
+
+        steps[q] = step
+    first = None
+    for i, q in enumerate(qs):  # warm-up round
+        _sync(device)
+        t0 = time.perf_counter()
+        steps[q]()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        first = elapsed if first is None else first
+        if stop_ratio is not None and q > 1 and elapsed > stop_ratio * first:
+            qs = qs[: i + 1]
+            break
+    samples: dict[int, list[float]] = {q: [] for q in qs}
+    for _ in range(max(rounds, 1)):
+        for q in qs:
+            _sync(device)
+            t0 = timer()
+            steps[q]()
+            _sync(device)
+            samples[q].append(timer() - t0)
+            if progress is not None:
+                progress()
+    return samples
+
+
+def measure_verify_time(target, num_tokens: Sequence[int], context_length: int = 256, repeats: int = 5,
+                        seed: int = 0, timer: Callable[[], float] = time.perf_counter) -> dict[int, float]:
+    """Seconds of one target verification forward over q tokens, for each q in `num_tokens`.
+
+    The minimum over `repeats` interleaved rounds (`measure_verify_samples`): load from other processes
+    only ever adds time, so the minimum is the least disturbed estimate of the pass itself.
+    """
+    samples = measure_verify_samples(target, num_tokens, context_length, repeats, seed, timer)
+    return {q: min(ts) for q, ts in samples.items()}
+
+
+class CpuUsage:
+    """CPU time used by other processes between `start` and `stop`, in cores (Linux /proc/stat)."""
+
+    def __init__(self) -> None:
+        self.other_cores: float | None = None
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except (OSError, IndexError):
+            return None
+        ticks = [int(v) for v in fields]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuUsage:
+        self._busy, self._own, self._wall = self._busy_s(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = self._busy_s()
+        wall = time.perf_counter() - self._wall
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        others = (busy - self._busy) - (time.process_time() - self._own)
+        self.other_cores = max(others, 0.0) / wall
+
+
+def timing_spread(samples: dict[Any, list[float]]) -> float:
+    """Median over timed points of median / min - 1: how much the rounds disagree."""
+    spreads = [statistics.median(ts) / min(ts) - 1.0 for ts in samples.values() if ts and min(ts) > 0]
+    return statistics.median(spreads) if spreads else 0.0
+
+
+# --------------------------------------------------------------------------- the device's cost table
+
+
+@dataclass
+class DeviceCosts:
+    """Verification-pass cost (seconds) as a function of the number of tokens q, from a measured table."""
+
+    verify_s: dict[int, float]
+    source: str = "calibration"  # "calibration" (first use), "tune" (`clover2 tune`'s record) or "given"
+
+    def __post_init__(self) -> None:
+        if not self.verify_s or 1 not in self.verify_s:
+            raise ValueError("a cost table needs at least the time of a 1-token pass (q = 1)")
+        qs = sorted(self.verify_s)
+        running = 0.0
+        table = {}
+        for q in qs:  # a longer pass never costs less than a shorter one (noise aside)
+            running = max(running, float(self.verify_s[q]))
+            table[q] = running
+        self.verify_s = table
+        self._qs = qs
+
+    @property
+    def plain_step_s(self) -> float:
+        """One plain decoding step: a pass over one token."""
+        return self.verify_s[1]
+
+    def verify_time(self, q: int) -> float:
+        """Seconds of a pass over q tokens: linear between measured points, beyond the last one along the
+        last segment's slope."""
+        qs, table = self._qs, self.verify_s
+        if q in table:
+            return table[q]
+        if q <= qs[0]:
+            return table[qs[0]]
+        for lo, hi in zip(qs, qs[1:]):
+            if lo < q < hi:
+                return table[lo] + (table[hi] - table[lo]) * (q - lo) / (hi - lo)
+        if len(qs) == 1:
+            return table[qs[0]]
+        lo, hi = qs[-2], qs[-1]
+        return table[hi] + (table[hi] - table[lo]) / (hi - lo) * (q - hi)
+
+    def max_useful_tokens(self, ratio: float = 2.0, cap: int = 65) -> int:
+        """The largest q whose pass costs at most `ratio` plain steps (at most `cap`): a tree verifying
+        more could only pay with more than `ratio` tokens per step."""
+        best = 1
+        for q in range(1, cap + 1):
+            if self.verify_time(q) <= ratio * self.plain_step_s:
+                best = q
+        return best
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verify_time_s": {str(q): t for q, t in self.verify_s.items()}, "source": self.source}
+
+
+_COSTS: dict[str, DeviceCosts] = {}
+
+
+def device_costs(target, cache_dir: str | os.PathLike[str] | None = None, calibrate: bool = True,
+                 tuned: dict[str, Any] | None = None) -> DeviceCosts | None:
+    """The verification cost table of `target` on its device.
+
+    Order: `tuned` (a `clover2 tune` record with a `verify_time_s` table), this process's memory, the
+    calibration file, else (when `calibrate`) a measurement now: `CALIBRATION_TOKENS` in 3 interleaved
+    rounds at context 256, a few seconds once per (target, dtype, device), stored in the calibration
+    file (q beyond the first that costs 3 plain steps are not timed). None when nothing is known and
+    `calibrate` is False.
+    """
+    if tuned and isinstance(tuned.get("verify_time_s"), dict):
+        try:
+            table = {int(q): float(t) for q, t in tuned["verify_time_s"].items()}
+            if 1 in table:
+                return DeviceCosts(table, source="tune")
+        except (TypeError, ValueError):
+            pass
+    key = entry_key(target)
+    path = calibration_file(cache_dir)
+    memo_key = f"{path}::{key}"
+    if memo_key in _COSTS:
+        return _COSTS[memo_key]
+    record = read_entries(path).get(key)
+    costs = None
+    if isinstance(record, dict):
+        try:
+            costs = DeviceCosts({int(q): float(t) for q, t in record["verify_time_s"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError):
+            logger.warning("ignoring malformed Clover-2 calibration record for %s", key)
+    if costs is None:
+        if not calibrate:
+            return None
+        logger.info("Clover-2: timing %s's verification passes on %s once (cached in %s)", target_key(target),
+                    device_key(target.device), path)
+        with CpuUsage() as usage:
+            samples = measure_verify_samples(target, CALIBRATION_TOKENS, context_length=256, rounds=3, stop_ratio=3.0)
+        costs = DeviceCosts({q: min(ts) for q, ts in samples.items()})
+        spread = timing_spread(samples)
+        busy = usage.other_cores if target.device.type == "cpu" else None
+        if spread > CALIBRATION_NOISE_LIMIT or (busy is not None and busy > CALIBRATION_LOAD_LIMIT):
+            # used by this process (and corrected online by TreeSizer), but not kept for later ones
+            logger.warning("Clover-2: the device was busy while timing verification passes (spread %.0f%%, other "
+                           "processes %.2f cores); not caching the calibration", 100 * spread, busy or 0.0)
+        else:
+            try:
+                entries = dict(read_entries(path))
+                entries[key] = {**costs.to_dict(), "spread": spread, "other_cpu_load": busy,
+                                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                write_entries(path, entries)
+            except OSError as exc:  # a read-only cache only costs a re-measurement next time
+                logger.warning("could not store the Clover-2 calibration in %s (%s)", path, exc)
+    _COSTS[memo_key] = costs
+    return costs
+
+
+#: The smallest tree an "auto" budget may grow (the `TreeSizer` still verifies only what pays).
+MIN_AUTO_NODES = 4
+
+
+def auto_top_k(max_nodes: int) -> int:
+    """Children per expanded node for an automatic tree of up to `max_nodes` nodes (2..8, about sqrt + 1)."""
+    return max(2, min(8, round(math.sqrt(max_nodes)) + 1))
+
+
+@dataclass
+class TreeSettings:
+    """The tree settings one `generate` call uses, and where they came from."""
+
+    top_k: int
+    budget: int
+    adaptive: bool  # the per-step `TreeSizer` picks how much of the tree to verify
+    source: str  # "config", "tuning file" or "device cost model"
+    costs: DeviceCosts | None = None
+
+    def describe(self) -> str:
+        if self.adaptive:
+            return (f"tree sized per step by the device cost model (up to {self.budget} nodes, top-k {self.top_k}; "
+                    f"pass costs from {self.costs.source if self.costs else '?'})")
+        return f"tree_budget={self.budget}, tree_top_k={self.top_k} (from the {self.source})"
+
+
+def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None) -> TreeSettings:
+    """Resolve the drafter's tree settings for `target` on its device, never changing `draft.config`.
+
+    Integers in `draft.config.tree_budget` / `tree_top_k` are the caller's choice and are used as they
+    are. ``"auto"`` values are filled from `clover2 tune`'s record when one exists for this target and
+    device; otherwise an ``"auto"`` budget means the per-step `TreeSizer` over the device's cost table,
+    with up to `DeviceCosts.max_useful_tokens() - 1` (at least `MIN_AUTO_NODES`) nodes.
+    """
+    cfg = draft.config
+    budget, top_k = cfg.tree_budget, cfg.tree_top_k
+    if budget != "auto" and top_k != "auto":
+        return TreeSettings(top_k=top_k, budget=budget, adaptive=False, source="config")
+    record = load_tuned_settings(draft, target, cache_dir)
+    if record is not None:
+        return TreeSettings(top_k=record["tree_top_k"] if top_k == "auto" else top_k,
+                            budget=record["tree_budget"] if budget == "auto" else budget,
+                            adaptive=False, source="tuning file")
+    if budget != "auto":
+        return TreeSettings(top_k=auto_top_k(budget), budget=budget, adaptive=False, source="config")
+    costs = device_costs(target, cache_dir)
+    # at least a few nodes: the sizer corrects the table online and verifies fewer when they do not pay
+    max_nodes = max(costs.max_useful_tokens() - 1, MIN_AUTO_NODES)
+    k = auto_top_k(max_nodes) if top_k == "auto" else top_k
+    return TreeSettings(top_k=k, budget=max_nodes, adaptive=True, source="device cost model", costs=costs)
+
+
+# --------------------------------------------------------------------------- the per-step policy
+
+
+@dataclass
+class TreeSizer:
+    """Chooses, each step, how many of the drafted (and looked-up) nodes to verify.
+
+    Predicted acceptance: a drafted node is accepted with probability c * exp(path score) (the
+    drafter's cumulative path probability, times a correction c = accepted / predicted over the call so
+    far, from a prior of 1); a node that only the prompt-lookup path proposes, at depth d, with rho^d
+    (rho: the running rate at which reached lookup tokens were accepted). A node on both gets the larger.
+    These are non-increasing along every path, so the best-first prefix of nodes is a valid tree.
+
+    Choice: the prefix of b nodes maximising (1 + sum of their probabilities) / verify_time(b + 1); b = 0
+    is a plain step. The pass costs are the device table's, each class (1-token passes, tree passes)
+    scaled by the ratio of the times this call observed to the table's predictions, so a table
+    measured on a busy machine, or a context much longer than the calibration's, is corrected as
+    decoding goes. Drafting is skipped for the next 1, 2, 4, ... 16 steps while the predicted rate of a
+    step including the drafting time stays below plain decoding's; the drafter reads the skipped
+    positions in one batch when drafting resumes.
+    """
+
+    costs: DeviceCosts
+    prior_weight: float = 4.0
+    predicted: float = 0.0  # sum of exp(score) over verified drafted nodes
+    accepted: float = 0.0  # accepted drafted nodes
+    lookup_reached: float = 0.0
+    lookup_accepted: float = 0.0
+    draft_time_s: float | None = None  # running mean of the drafting phase
+    backoff: int = 0
+    skip: int = 0
+    history: list[int] = field(default_factory=list)  # nodes verified per step (tests, stats)
+    # observed and predicted seconds of 1-token passes and of tree passes (online correction)
+    observed: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    predicted_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+    def verify_time(self, q: int) -> float:
+        """The table's pass cost for q tokens, times what this call has observed against the table."""
+        cls = 0 if q == 1 else 1
+        prior = 2.0 * self.costs.verify_time(1 if cls == 0 else 5)
+        scale = (self.observed[cls] + prior) / (self.predicted_s[cls] + prior)
+        return self.costs.verify_time(q) * scale
+
+    def observe_verify(self, q: int, seconds: float) -> None:
+        """Record the measured time of a verification pass over q tokens."""
+        cls = 0 if q == 1 else 1
+        self.observed[cls] += seconds
+        self.predicted_s[cls] += self.costs.verify_time(q)
+
+    @property
+    def correction(self) -> float:
+        c = (self.accepted + self.prior_weight) / (self.predicted + self.prior_weight)
+        return min(max(c, 0.1), 3.0)
+
+    @property
+    def lookup_rate(self) -> float:
+        return (self.lookup_accepted + 2.0) / (self.lookup_reached + 3.0)
+
+    def should_draft(self) -> bool:
+        """False while drafting is being skipped (the step verifies the root and any lookup path only)."""
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+    def record_draft_time(self, seconds: float) -> None:
+        self.draft_time_s = seconds if self.draft_time_s is None else 0.8 * self.draft_time_s + 0.2 * seconds
+
+    def node_probabilities(self, tree: DraftTree, num_drafted: int) -> list[float]:
+        """Predicted acceptance probability of each node (verify index m + 1 -> entry m)."""
+        c, rho = self.correction, self.lookup_rate
+        scores = tree.scores.float().cpu().tolist()
+        depths = tree.depths.cpu().tolist()
+        probs = [min(c * math.exp(s), 1.0) if m < num_drafted else 0.0 for m, s in enumerate(scores)]
+        for m in self._lookup_nodes(tree, num_drafted):
+            probs[m] = max(probs[m], rho ** depths[m])
+        return probs
+
+    @staticmethod
+    def _lookup_nodes(tree: DraftTree, num_drafted: int) -> list[int]:
+        """Nodes on the lookup path: the appended ones and their drafted ancestors."""
+        if tree.num_nodes == num_drafted:
+            return []
+        parents = tree.parents.cpu().tolist()
+        nodes = set(range(num_drafted, tree.num_nodes))
+        v = parents[num_drafted]  # the drafted node the appended path hangs from (0 = root)
+        while v > 0:
+            nodes.add(v - 1)
+            v = parents[v - 1]
+        return sorted(nodes)
+
+    def choose(self, tree: DraftTree, num_drafted: int, drafted: bool) -> tuple[list[int], float]:
+        """(kept node indices in verify order, predicted tokens of the step) for this step's tree.
+
+        `num_drafted`: the first nodes are the drafter's, the rest come from the lookup path;
+        `drafted`: whether this step paid for drafting (it did not when skipping)."""
+        probs = self.node_probabilities(tree, num_drafted)
+        depths = tree.depths.cpu().tolist()
+        order = sorted(range(tree.num_nodes), key=lambda m: (-probs[m], depths[m]))
+        best_b, best_rate, total = 0, 1.0 / self.verify_time(1), 0.0
+        gain = [0.0]
+        for b, m in enumerate(order, start=1):
+            total += probs[m]
+            gain.append(total)
+            rate = (1.0 + total) / self.verify_time(b + 1)
+            if rate > best_rate:
+                best_b, best_rate = b, rate
+        kept = sorted(order[:best_b])
+        expected = 1.0 + gain[best_b]
+        if drafted:
+            step_rate = expected / ((self.draft_time_s or 0.0) + self.verify_time(best_b + 1))
+            if best_b == 0 or step_rate < 1.0 / self.verify_time(1):
+                self.backoff = min(max(2 * self.backoff, 1), 16)
+                self.skip = self.backoff
+            else:
+                self.backoff = 0
+        self.history.append(best_b)
+        return kept, expected
+
+    def update(self, tree: DraftTree, num_drafted: int, accepted_nodes: Sequence[int]) -> None:
+        """Learn from a verified step: `accepted_nodes` are the accepted node indices (verify index - 1)."""
+        accepted = set(accepted_nodes)
+        scores = tree.scores.float().cpu().tolist()
+        self.predicted += sum(math.exp(s) for s in scores[:num_drafted])
+        self.accepted += sum(1 for m in accepted if m < num_drafted)
+        lookup = self._lookup_nodes(tree, num_drafted)
+        if lookup:
+            parents = tree.parents.cpu().tolist()
+            for m in lookup:
+                if m >= num_drafted and (parents[m] == 0 or parents[m] - 1 in accepted):  # reached
+                    self.lookup_reached += 1
+                    self.lookup_accepted += m in accepted

@@ -1,0 +1,245 @@
+"""Automatic tree settings: the device cost table, the per-step `TreeSizer`, and decoding with them.
+
+Every tree the sizer picks must still give plain `generate()`'s tokens; the sizer must pick plain steps
+where no tree pays and full trees where verification is nearly free; explicit settings and the
+drafter's config are never overwritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_target
+from drafters import train_on_own_outputs
+
+from clover2_hf import Clover2ForDrafting, Clover2Stats
+from clover2_hf import cost_model
+from clover2_hf.cost_model import DeviceCosts, TreeSizer, auto_tree_settings, device_costs
+from clover2_hf.tree import DraftTree, add_path, root_only, select_nodes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FLAT = {1: 0.010, 2: 0.0101, 9: 0.0102, 17: 0.0103, 65: 0.011}  # a GPU: passes of 1..65 tokens cost alike
+STEEP = {1: 0.010, 2: 0.030, 5: 0.036, 9: 0.045, 17: 0.060}  # worse than this project's CPU
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Calibrations and tuning records go to a throw-away cache root."""
+    monkeypatch.setenv("CLOVER2_HF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cost_model, "_COSTS", {})
+
+
+def _with_costs(monkeypatch, table: dict[int, float]) -> None:
+    """Make every target's cost table `table` (no timing: the choices become deterministic)."""
+    monkeypatch.setattr(cost_model, "device_costs", lambda target, cache_dir=None, **kw: DeviceCosts(dict(table)))
+
+
+@functools.cache
+def trained_pair(arch: str):
+    target = make_tiny_target(arch, seed=1, peaked=True)
+    draft = train_on_own_outputs(target, steps=50, seqs=24, length=40, seed=0)
+    prompts = torch.randint(3, target.config.vocab_size, (8, 4), generator=torch.Generator().manual_seed(0))
+    return target, draft, prompts
+
+
+def _tree(scores: list[float], parents: list[int]) -> DraftTree:
+    n = len(scores)
+    depths = []
+    for p in parents:
+        depths.append(1 if p == 0 else depths[p - 1] + 1)
+    return DraftTree(root_token=5, tokens=torch.arange(10, 10 + n), parents=torch.tensor(parents),
+                     depths=torch.tensor(depths), scores=torch.tensor(scores))
+
+
+# --------------------------------------------------------------------------- the cost table
+
+
+def test_cost_table_interpolates_and_never_decreases():
+    costs = DeviceCosts({1: 1.0, 3: 3.0, 5: 2.0, 9: 5.0})
+    assert costs.verify_time(2) == pytest.approx(2.0)
+    assert costs.verify_time(5) == pytest.approx(3.0)  # a noisy dip is lifted to the running maximum
+    assert costs.verify_time(7) == pytest.approx(4.0)
+    assert costs.verify_time(13) == pytest.approx(5.0 + 0.5 * 4)  # the last slope carries on
+    assert DeviceCosts(FLAT).max_useful_tokens() == 65
+    assert DeviceCosts(STEEP).max_useful_tokens() == 1  # even one draft token costs 3 plain steps
+    with pytest.raises(ValueError, match="q = 1"):
+        DeviceCosts({2: 1.0})
+
+
+class _Usage:
+    """Stands in for `CpuUsage`: reports a fixed CPU load of other processes."""
+
+    other = 0.0
+
+    def __enter__(self):
+        self.other_cores = self.other
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_first_use_calibration_is_cached_only_when_quiet(monkeypatch, busy):
+    monkeypatch.setattr(_Usage, "other", 1.0 if busy else 0.0)
+    monkeypatch.setattr(cost_model, "CpuUsage", _Usage)
+    monkeypatch.setattr(cost_model, "timing_spread", lambda samples: 0.0)
+    target = make_tiny_target("llama")
+    costs = device_costs(target)
+    assert costs.source == "calibration" and 1 in costs.verify_s and set(costs.verify_s) <= set(cost_model.CALIBRATION_TOKENS)
+    assert all(t > 0 for t in costs.verify_s.values())
+    assert device_costs(target) is costs  # measured once per process
+    assert cost_model.calibration_file().is_file() is not busy
+    cost_model._COSTS.clear()  # a new process reads the file instead of timing again
+    again = device_costs(target, calibrate=False)
+    if busy:
+        assert again is None  # a busy machine's timings are not kept for later processes
+    else:
+        assert again is not None and again.verify_s == costs.verify_s
+
+
+def test_sizer_corrects_the_table_with_observed_pass_times():
+    sizer = TreeSizer(DeviceCosts({1: 0.010, 5: 0.020}))
+    assert sizer.verify_time(1) == pytest.approx(0.010) and sizer.verify_time(5) == pytest.approx(0.020)
+    for _ in range(50):  # the table was measured with 1-token passes slowed down 3x by another process
+        sizer.observe_verify(1, 0.0033)
+        sizer.observe_verify(5, 0.020)
+    assert sizer.verify_time(1) == pytest.approx(0.0033, rel=0.15)
+    assert sizer.verify_time(5) == pytest.approx(0.020)
+
+
+# --------------------------------------------------------------------------- the per-step choice
+
+
+def test_sizer_verifies_everything_when_passes_cost_alike():
+    tree = _tree([math.log(0.9), math.log(0.5), math.log(0.8), math.log(0.3)], [0, 0, 1, 3])
+    sizer = TreeSizer(DeviceCosts(FLAT))
+    kept, expected = sizer.choose(tree, tree.num_nodes, drafted=True)
+    assert kept == [0, 1, 2, 3] and expected == pytest.approx(1 + 0.9 + 0.5 + 0.8 + 0.3)
+
+
+def test_sizer_takes_plain_steps_and_backs_off_where_trees_do_not_pay():
+    tree = _tree([math.log(0.3), math.log(0.2)], [0, 1])
+    sizer = TreeSizer(DeviceCosts(STEEP))
+    skips = []
+    for _ in range(5):
+        kept, expected = sizer.choose(tree, tree.num_nodes, drafted=True)
+        assert kept == [] and expected == 1.0  # the root alone: a plain step
+        skips.append(sizer.skip)
+        while not sizer.should_draft():
+            pass
+    assert skips == [1, 2, 4, 8, 16]  # drafting is skipped for longer and longer
+    confident = _tree([8 * i * math.log(0.999) for i in range(1, 9)], list(range(8)))  # a sure 8-token chain
+    kept, _ = sizer.choose(confident, 8, drafted=True)
+    assert kept == list(range(8)) and sizer.skip == 0 and sizer.backoff == 0
+
+
+def test_sizer_prefix_is_closed_under_ancestors_and_learns_its_correction():
+    g = torch.Generator().manual_seed(0)
+    costs = DeviceCosts({1: 0.01, 2: 0.012, 5: 0.013, 9: 0.016, 17: 0.025, 33: 0.04})
+    for trial in range(30):
+        n = int(torch.randint(1, 20, (1,), generator=g))
+        parents = [int(torch.randint(0, m + 1, (1,), generator=g)) for m in range(n)]
+        scores = []
+        for m, p in enumerate(parents):  # path scores never increase along a path
+            step = float(torch.rand(1, generator=g)) * 3
+            scores.append((scores[p - 1] if p else 0.0) - step)
+        tree = _tree(scores, parents)
+        kept, _ = TreeSizer(costs).choose(tree, n, drafted=True)
+        sub = select_nodes(tree, kept)  # raises when a kept node's parent is missing
+        assert sub.num_nodes == len(kept)
+    sizer = TreeSizer(costs)
+    tree = _tree([math.log(0.5)] * 4, [0, 0, 0, 0])
+    for _ in range(20):  # the drafter says 0.5 each, but nothing is ever accepted
+        sizer.update(tree, 4, [])
+    assert sizer.correction < 0.2
+
+
+def test_lookup_nodes_get_the_running_lookup_rate():
+    drafted = _tree([math.log(0.4)], [0])
+    tree = add_path(drafted, [10, 77, 78])  # follows drafted node 1 (token 10), then two new nodes
+    sizer = TreeSizer(DeviceCosts(FLAT))
+    probs = sizer.node_probabilities(tree, 1)
+    rho = sizer.lookup_rate
+    assert probs == pytest.approx([max(0.4, rho), rho ** 2, rho ** 3])
+    sizer.update(tree, 1, [0, 1, 2])  # all three accepted: the rate rises
+    assert sizer.lookup_rate > rho
+    kept, _ = sizer.choose(root_only(5), 0, drafted=False)
+    assert kept == []
+
+
+def test_select_nodes_reindexes_parents():
+    tree = _tree([-0.1, -0.2, -0.3, -0.4], [0, 1, 0, 3])
+    sub = select_nodes(tree, [0, 2, 3])
+    assert sub.parents.tolist() == [0, 0, 2] and sub.tokens.tolist() == [10, 12, 13]
+    with pytest.raises(ValueError, match="ancestors"):
+        select_nodes(tree, [1])
+
+
+# --------------------------------------------------------------------------- settings resolution
+
+
+def test_explicit_settings_win_and_the_config_is_never_changed(monkeypatch):
+    target = make_tiny_target("llama")
+    draft = Clover2ForDrafting.from_target(target).eval()
+    assert (draft.config.tree_budget, draft.config.tree_top_k) == ("auto", "auto")
+    _with_costs(monkeypatch, FLAT)
+    auto = auto_tree_settings(draft, target)
+    assert auto.adaptive and auto.budget == 64 and auto.source == "device cost model"
+    draft.config.tree_budget, draft.config.tree_top_k = 25, 10
+    fixed = auto_tree_settings(draft, target)
+    assert (fixed.adaptive, fixed.budget, fixed.top_k, fixed.source) == (False, 25, 10, "config")
+    before = draft.config.to_dict()
+    target.generate(torch.tensor([[5, 6, 7]]), do_sample=False, max_new_tokens=5, assistant_model=draft)
+    assert draft.config.to_dict() == before
+
+
+# --------------------------------------------------------------------------- decoding with automatic sizing
+
+# Tables for decoding tests are in tenths of seconds, so that the real drafting time of a tiny drafter
+# (milliseconds) hardly counts against them.
+MIXED = {1: 0.10, 2: 0.135, 3: 0.145, 5: 0.16, 9: 0.20, 17: 0.30, 33: 0.5}  # some trees pay, some do not
+SLOW_FLAT = {q: 10 * t for q, t in FLAT.items()}
+
+
+@pytest.mark.parametrize("arch", ("llama", "mistral", "gemma2"))
+@pytest.mark.parametrize("table", [SLOW_FLAT, MIXED, STEEP], ids=["flat", "mixed", "steep"])
+def test_greedy_identical_with_automatic_sizing(monkeypatch, arch, table):
+    _with_costs(monkeypatch, table)
+    target, draft, prompts = trained_pair(arch)
+    total = Clover2Stats()
+    for i, max_new in enumerate([40, 23, 31, 17, 36, 29]):
+        ids = prompts[i : i + 1]
+        expected = target.generate(ids, do_sample=False, max_new_tokens=max_new)
+        stats = Clover2Stats()
+        got = target.generate(ids, do_sample=False, max_new_tokens=max_new, assistant_model=draft, clover2_stats=stats)
+        assert torch.equal(expected, got), (i, expected, got)
+        assert "device cost model" in stats.tree_settings
+        total.tokens_per_step += stats.tokens_per_step
+        total.tree_sizes += stats.tree_sizes
+        total.plain_steps += stats.plain_steps
+    steps = len(total.tree_sizes)
+    if table is SLOW_FLAT:
+        assert total.plain_steps == 0 and total.tau > 2.0  # a free tree is always worth verifying
+    elif table is STEEP:
+        assert total.plain_steps > 0.5 * steps  # a 2-token pass costs 3 plain steps: mostly plain
+    else:
+        assert len(set(total.tree_sizes)) >= 3  # sized step by step
+
+
+def test_seeded_sampling_identical_with_automatic_sizing(monkeypatch):
+    _with_costs(monkeypatch, MIXED)
+    target, draft, prompts = trained_pair("llama")
+    for seed in range(4):
+        ids = prompts[seed : seed + 1]
+        torch.manual_seed(seed)
+        plain = target.generate(ids, do_sample=True, temperature=0.7, max_new_tokens=24)
+        torch.manual_seed(seed)
+        stats = Clover2Stats()
+        got = target.generate(ids, do_sample=True, temperature=0.7, max_new_tokens=24, assistant_model=draft,
+                              clover2_stats=stats)
+        assert torch.equal(plain, got), seed
