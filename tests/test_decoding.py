@@ -407,7 +407,8 @@ def test_bf16_drafter_of_a_float32_target_is_lossless(mode):
 
 
 def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypatch):
-    from clover2_hf.decoding import _CpuVerifyLinears, _wide_linear_forward
+    from clover2_hf.verification import CpuVerifyLinears as _CpuVerifyLinears
+    from clover2_hf.verification import wide_linear_forward as _wide_linear_forward
 
     layer = torch.nn.Linear(24, 40)
     for q in (1, 2, 5, 17):
@@ -415,9 +416,11 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
         torch.testing.assert_close(_wide_linear_forward(layer, x), layer(x), rtol=1e-5, atol=1e-6)
     target, draft, prompts = trained_pair("llama")
     draft.config.decoding = "tree"
+    monkeypatch.setattr(draft.config, "tree_budget", 25)  # every pass verifies a tree (q > 1)
+    monkeypatch.setattr(draft.config, "tree_top_k", 10)
     seen = []
     monkeypatch.setattr(
-        "clover2_hf.decoding._wide_linear_forward",
+        "clover2_hf.verification.wide_linear_forward",
         lambda self, x: seen.append(x.shape[-2]) or torch.nn.functional.linear(x, self.weight, self.bias),
     )
     expected, got, _ = _generate_both(target, draft, "tree", prompts[:1], max_new_tokens=12)
