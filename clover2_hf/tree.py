@@ -290,13 +290,15 @@ def compact_cache(cache, num_tree_tokens: int, keep: Sequence[int]) -> None:
     linear pass over the accepted tokens would have produced. Works for dynamic and (past-recording)
     sliding-window layers.
     """
+    keep = list(keep)
+    moves = keep != list(range(len(keep)))  # False: the kept entries already sit at the start of the tail
     keep_t = None
-    for layer in cache.layers:
+    for layer in cache.layers if moves else ():
         keys = getattr(layer, "keys", None)
         if keys is None or keys.numel() == 0:
             continue
         if keep_t is None or keep_t.device != keys.device:
-            keep_t = torch.as_tensor(list(keep), dtype=torch.long, device=keys.device)
+            keep_t = torch.as_tensor(keep, dtype=torch.long, device=keys.device)
         start = keys.shape[-2] - num_tree_tokens
         src = start + keep_t
         dst = start + torch.arange(len(keep), device=keys.device)

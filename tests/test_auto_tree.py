@@ -35,7 +35,8 @@ def private_cache(tmp_path, monkeypatch):
 
 def _with_costs(monkeypatch, table: dict[int, float]) -> None:
     """Make every target's cost table `table` (no timing: the choices become deterministic)."""
-    monkeypatch.setattr(cost_model, "device_costs", lambda target, cache_dir=None, **kw: DeviceCosts(dict(table)))
+    monkeypatch.setattr(cost_model, "device_costs",
+                        lambda target, cache_dir=None, **kw: DeviceCosts(dict(table), source="given"))
 
 
 @functools.cache
@@ -243,3 +244,25 @@ def test_seeded_sampling_identical_with_automatic_sizing(monkeypatch):
         got = target.generate(ids, do_sample=True, temperature=0.7, max_new_tokens=24, assistant_model=draft,
                               clover2_stats=stats)
         assert torch.equal(plain, got), seed
+
+
+def test_hopeless_depth_one_skips_growing_the_tree():
+    sizer = TreeSizer(DeviceCosts(STEEP, source="given"))
+    flat = torch.log_softmax(torch.zeros(100), dim=-1)  # 1% each: nothing could pay
+    assert not sizer.worth_growing(flat, top_k=4)
+    sure = torch.log_softmax(torch.tensor([12.0] + [0.0] * 99), dim=-1)  # one token at ~99.9%
+    assert sizer.worth_growing(sure, top_k=4)
+
+
+def test_what_a_call_learnt_carries_to_the_next_call_of_the_pair():
+    target = make_tiny_target("llama")
+    draft = Clover2ForDrafting.from_target(target).eval()
+    costs = DeviceCosts(FLAT, source="given")
+    first = TreeSizer.for_pair(draft, target, costs)
+    tree = _tree([math.log(0.5)] * 4, [0, 0, 0, 0])
+    for _ in range(10):
+        first.update(tree, 4, [])  # nothing the drafter proposes is accepted
+    second = TreeSizer.for_pair(draft, target, costs)
+    assert second.model is first.model and second.correction < 0.5  # decayed, not forgotten
+    other = TreeSizer.for_pair(draft, make_tiny_target("qwen2"), costs)
+    assert other.correction == pytest.approx(1.0)  # another target starts afresh

@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CALIBRATION_TOKENS",
+    "AcceptanceModel",
     "CpuUsage",
     "DeviceCosts",
     "TUNING_DISABLE_ENV_VAR",
@@ -316,7 +318,9 @@ class DeviceCosts:
     """Verification-pass cost (seconds) as a function of the number of tokens q, from a measured table."""
 
     verify_s: dict[int, float]
-    source: str = "calibration"  # "calibration" (first use), "tune" (`clover2 tune`'s record) or "given"
+    # "calibration" (first use) or "tune" (`clover2 tune`'s record): corrected online by observed pass
+    # times; "given": a table the caller supplies (e.g. a model of another device), used as it is
+    source: str = "calibration"
 
     def __post_init__(self) -> None:
         if not self.verify_s or 1 not in self.verify_s:
@@ -478,59 +482,108 @@ def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None =
 
 
 @dataclass
+class AcceptanceModel:
+    """What decoding has learnt about a drafter's acceptance and the target's pass times.
+
+    Kept across `generate` calls of one (drafter, target) pair in this process (`TreeSizer.for_pair`),
+    halved in weight at every new call, so that each call starts from what the last ones saw.
+    """
+
+    predicted: list[float] = field(default_factory=list)  # per depth: sum of exp(score) of verified drafted nodes
+    accepted: list[float] = field(default_factory=list)  # per depth: accepted drafted nodes
+    lookup_reached: float = 0.0
+    lookup_accepted: float = 0.0
+    # observed and predicted seconds of 1-token passes and of tree passes
+    observed_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    predicted_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+    def decay(self, factor: float = 0.5) -> None:
+        for values in (self.predicted, self.accepted, self.observed_s, self.predicted_s):
+            values[:] = [factor * v for v in values]
+        self.lookup_reached *= factor
+        self.lookup_accepted *= factor
+
+    def correction(self, depth: int, prior: float = 2.0) -> float:
+        """accepted / predicted at `depth` (1-based), from a prior of 1 worth `prior` predicted nodes."""
+        i = depth - 1
+        accepted = self.accepted[i] if i < len(self.accepted) else 0.0
+        predicted = self.predicted[i] if i < len(self.predicted) else 0.0
+        return min(max((accepted + prior) / (predicted + prior), 0.05), 3.0)
+
+    def add(self, depth: int, predicted: float, accepted: float) -> None:
+        while len(self.predicted) < depth:
+            self.predicted.append(0.0)
+            self.accepted.append(0.0)
+        self.predicted[depth - 1] += predicted
+        self.accepted[depth - 1] += accepted
+
+
+_MEMORY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
 class TreeSizer:
     """Chooses, each step, how many of the drafted (and looked-up) nodes to verify.
 
-    Predicted acceptance: a drafted node is accepted with probability c * exp(path score) (the
-    drafter's cumulative path probability, times a correction c = accepted / predicted over the call so
-    far, from a prior of 1); a node that only the prompt-lookup path proposes, at depth d, with rho^d
-    (rho: the running rate at which reached lookup tokens were accepted). A node on both gets the larger.
-    These are non-increasing along every path, so the best-first prefix of nodes is a valid tree.
+    Predicted acceptance: a drafted node at depth d is accepted with probability c_d * exp(path score)
+    (the drafter's cumulative path probability, times a per-depth correction c_d = accepted / predicted
+    over the verified trees so far, from a prior of 1); a node that only the prompt-lookup path
+    proposes, at depth d, with rho^d (rho: the running rate at which reached lookup tokens were
+    accepted). A node on both gets the larger. Each node's value is capped by its parent's, so the
+    best-first prefix of nodes is a valid tree.
 
     Choice: the prefix of b nodes maximising (1 + sum of their probabilities) / verify_time(b + 1); b = 0
     is a plain step. The pass costs are the device table's, each class (1-token passes, tree passes)
-    scaled by the ratio of the times this call observed to the table's predictions, so a table
-    measured on a busy machine, or a context much longer than the calibration's, is corrected as
-    decoding goes. Drafting is skipped for the next 1, 2, 4, ... 16 steps while the predicted rate of a
-    step including the drafting time stays below plain decoding's; the drafter reads the skipped
-    positions in one batch when drafting resumes.
+    scaled by the ratio of the observed times to the table's predictions, so a table measured on a busy
+    machine, or a context much longer than the calibration's, is corrected as decoding goes. Drafting is
+    skipped for the next 1, 2, 4, ... `max_backoff` steps while the predicted rate of a step including
+    the drafting time stays below plain decoding's; the drafter reads the skipped positions in one batch
+    when drafting resumes.
     """
 
     costs: DeviceCosts
-    prior_weight: float = 4.0
-    predicted: float = 0.0  # sum of exp(score) over verified drafted nodes
-    accepted: float = 0.0  # accepted drafted nodes
-    lookup_reached: float = 0.0
-    lookup_accepted: float = 0.0
+    model: AcceptanceModel = field(default_factory=AcceptanceModel)
+    margin: float = 1.0  # a tree is verified only when predicted to beat plain decoding's rate by this factor
+    max_backoff: int = 16  # the longest run of steps without drafting
     draft_time_s: float | None = None  # running mean of the drafting phase
     backoff: int = 0
     skip: int = 0
     history: list[int] = field(default_factory=list)  # nodes verified per step (tests, stats)
-    # observed and predicted seconds of 1-token passes and of tree passes (online correction)
-    observed: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    predicted_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+    @classmethod
+    def for_pair(cls, draft, target, costs: DeviceCosts) -> TreeSizer:
+        """A sizer for one `generate` call that starts from what earlier calls of this pair learnt."""
+        per_draft = _MEMORY.setdefault(draft, weakref.WeakKeyDictionary())
+        model = per_draft.get(target)
+        if model is None:
+            model = per_draft[target] = AcceptanceModel()
+        else:
+            model.decay()
+        return cls(costs, model)
 
     def verify_time(self, q: int) -> float:
-        """The table's pass cost for q tokens, times what this call has observed against the table."""
+        """The table's pass cost for q tokens, times what has been observed against the table."""
+        if self.costs.source == "given":
+            return self.costs.verify_time(q)
         cls = 0 if q == 1 else 1
         prior = 2.0 * self.costs.verify_time(1 if cls == 0 else 5)
-        scale = (self.observed[cls] + prior) / (self.predicted_s[cls] + prior)
+        scale = (self.model.observed_s[cls] + prior) / (self.model.predicted_s[cls] + prior)
         return self.costs.verify_time(q) * scale
 
     def observe_verify(self, q: int, seconds: float) -> None:
         """Record the measured time of a verification pass over q tokens."""
         cls = 0 if q == 1 else 1
-        self.observed[cls] += seconds
-        self.predicted_s[cls] += self.costs.verify_time(q)
+        self.model.observed_s[cls] += seconds
+        self.model.predicted_s[cls] += self.costs.verify_time(q)
 
     @property
     def correction(self) -> float:
-        c = (self.accepted + self.prior_weight) / (self.predicted + self.prior_weight)
-        return min(max(c, 0.1), 3.0)
+        """The depth-1 correction c_1 (tests, diagnostics)."""
+        return self.model.correction(1)
 
     @property
     def lookup_rate(self) -> float:
-        return (self.lookup_accepted + 2.0) / (self.lookup_reached + 3.0)
+        return (self.model.lookup_accepted + 2.0) / (self.model.lookup_reached + 3.0)
 
     def should_draft(self) -> bool:
         """False while drafting is being skipped (the step verifies the root and any lookup path only)."""
@@ -542,14 +595,40 @@ class TreeSizer:
     def record_draft_time(self, seconds: float) -> None:
         self.draft_time_s = seconds if self.draft_time_s is None else 0.8 * self.draft_time_s + 0.2 * seconds
 
+    def worth_growing(self, first_logprobs: torch.Tensor, top_k: int) -> bool:
+        """Whether a tree from these depth-1 log-probabilities [V_draft] could pay for its verification.
+
+        Optimistic bound: every depth keeps the corrected probability mass m of the top-k depth-1 nodes,
+        so a chain of d nodes brings 1 + m + ... + m^d tokens for a pass over d + 1 tokens. When no d
+        beats plain decoding, the rest of the tree is not grown (a few head steps saved per step)."""
+        top = torch.topk(first_logprobs.float(), min(top_k, first_logprobs.numel())).values
+        mass = min(self.model.correction(1) * float(top.exp().sum()), 1.0)
+        plain = self.margin / self.verify_time(1)
+        tokens, power = 1.0, 1.0
+        for d in range(1, 65):
+            power *= mass
+            tokens += power
+            if tokens / self.verify_time(d + 1) > plain:
+                return True
+            if power < 1e-3:
+                break
+        return False
+
     def node_probabilities(self, tree: DraftTree, num_drafted: int) -> list[float]:
         """Predicted acceptance probability of each node (verify index m + 1 -> entry m)."""
-        c, rho = self.correction, self.lookup_rate
+        rho = self.lookup_rate
         scores = tree.scores.float().cpu().tolist()
         depths = tree.depths.cpu().tolist()
-        probs = [min(c * math.exp(s), 1.0) if m < num_drafted else 0.0 for m, s in enumerate(scores)]
-        for m in self._lookup_nodes(tree, num_drafted):
-            probs[m] = max(probs[m], rho ** depths[m])
+        parents = tree.parents.cpu().tolist()
+        lookup = set(self._lookup_nodes(tree, num_drafted))
+        probs: list[float] = []
+        for m in range(tree.num_nodes):  # parents come first, so each cap reads a finished value
+            p = min(self.model.correction(depths[m]) * math.exp(scores[m]), 1.0) if m < num_drafted else 0.0
+            if m in lookup:
+                p = max(p, rho ** depths[m])
+            if parents[m] > 0:
+                p = min(p, probs[parents[m] - 1])
+            probs.append(p)
         return probs
 
     @staticmethod
@@ -573,7 +652,7 @@ class TreeSizer:
         probs = self.node_probabilities(tree, num_drafted)
         depths = tree.depths.cpu().tolist()
         order = sorted(range(tree.num_nodes), key=lambda m: (-probs[m], depths[m]))
-        best_b, best_rate, total = 0, 1.0 / self.verify_time(1), 0.0
+        best_b, best_rate, total = 0, self.margin / self.verify_time(1), 0.0
         gain = [0.0]
         for b, m in enumerate(order, start=1):
             total += probs[m]
@@ -586,7 +665,7 @@ class TreeSizer:
         if drafted:
             step_rate = expected / ((self.draft_time_s or 0.0) + self.verify_time(best_b + 1))
             if best_b == 0 or step_rate < 1.0 / self.verify_time(1):
-                self.backoff = min(max(2 * self.backoff, 1), 16)
+                self.backoff = min(max(2 * self.backoff, 1), self.max_backoff)
                 self.skip = self.backoff
             else:
                 self.backoff = 0
@@ -597,12 +676,13 @@ class TreeSizer:
         """Learn from a verified step: `accepted_nodes` are the accepted node indices (verify index - 1)."""
         accepted = set(accepted_nodes)
         scores = tree.scores.float().cpu().tolist()
-        self.predicted += sum(math.exp(s) for s in scores[:num_drafted])
-        self.accepted += sum(1 for m in accepted if m < num_drafted)
+        depths = tree.depths.cpu().tolist()
+        for m in range(num_drafted):
+            self.model.add(depths[m], math.exp(scores[m]), float(m in accepted))
         lookup = self._lookup_nodes(tree, num_drafted)
         if lookup:
             parents = tree.parents.cpu().tolist()
             for m in lookup:
                 if m >= num_drafted and (parents[m] == 0 or parents[m] - 1 in accepted):  # reached
-                    self.lookup_reached += 1
-                    self.lookup_accepted += m in accepted
+                    self.model.lookup_reached += 1
+                    self.model.lookup_accepted += m in accepted

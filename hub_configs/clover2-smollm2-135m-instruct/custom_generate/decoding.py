@@ -182,12 +182,15 @@ def _expand_fn(draft: Clover2ForDrafting):
 
 
 def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Tensor, top_k: int, budget: int,
-               static_paths=None) -> DraftTree:
-    """Head depth 0 + `build_tree` from an augmented state c_t [H]: the tree of one drafting phase."""
-    head0, _ = draft.head_step(root_state[None])
+               static_paths=None, first_logprobs: torch.Tensor | None = None) -> DraftTree:
+    """Head depth 0 + `build_tree` from an augmented state c_t [H]: the tree of one drafting phase.
+
+    `first_logprobs` [V_draft]: head depth 0's log-probabilities when the caller computed them already."""
+    if first_logprobs is None:
+        first_logprobs = _first_logprobs(draft, root_state)
     return build_tree(
         root_token=root_token,
-        first_logprobs=_draft_logprobs(draft, head0)[0],
+        first_logprobs=first_logprobs,
         expand=_expand_fn(draft),
         root_state=root_state,
         max_depth=draft.config.num_draft_depths,
@@ -196,6 +199,12 @@ def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Ten
         to_target_ids=draft.draft_to_target_ids,
         static_paths=static_paths,
     )
+
+
+def _first_logprobs(draft: Clover2ForDrafting, root_state: torch.Tensor) -> torch.Tensor:
+    """[V_draft] log-probabilities of head depth 0 from an augmented state c_t [H]."""
+    head0, _ = draft.head_step(root_state[None])
+    return _draft_logprobs(draft, head0)[0]
 
 
 @torch.no_grad()
@@ -229,7 +238,7 @@ def clover2_tree_decode(
     cfg = draft.config
     static_paths = STATIC_TREE_PATHS if cfg.tree_type == "static" else None
     settings = auto_tree_settings(draft, model)  # explicit config values as they are; "auto" resolved
-    sizer = TreeSizer(settings.costs) if settings.adaptive else None
+    sizer = TreeSizer.for_pair(draft, model, settings.costs) if settings.adaptive else None
     stats.tree_settings = settings.describe()
     device = input_ids.device
     draft_device = draft.fc1.weight.device
@@ -282,7 +291,12 @@ def clover2_tree_decode(
                 next_ids = input_ids[:, -n_pending:].to(draft_device)
                 augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
                 pending_hidden = None
-                tree = _grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget, static_paths)
+                first = _first_logprobs(draft, augmented[0, -1])  # [V_draft]
+                if sizer is None or sizer.worth_growing(first, settings.top_k):
+                    tree = _grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget,
+                                      static_paths, first_logprobs=first)
+                else:  # not even the drafter's most confident chain could pay for its verification
+                    tree = root_only(int(token), device)
             else:  # the drafter reads the skipped positions when drafting resumes
                 tree = root_only(int(token), device)
             num_drafted = tree.num_nodes
