@@ -64,6 +64,7 @@ from .cost_model import (
     load_tuned_settings,
     measure_verify_samples,
     CpuUsage,
+    device_costs,
     measure_verify_time,
     read_entries,
     timing_spread,
@@ -143,6 +144,7 @@ def save_tuned_settings(result: TuneResult, target, cache_dir: str | os.PathLike
         "expected_speedup": result.expected_speedup,
         "context_length": result.context_length,
         "verify_time_s": {str(q): t for q, t in result.verify_time_s.items()},
+        "wide_linear": result.wide_linear,
         "draft": result.draft,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -316,6 +318,7 @@ class TuneResult:
     noise: float | None = None  # median over timed points of (median sample / min sample - 1)
     other_cpu_load: float | None = None  # CPU cores other processes kept busy while timing (CPU only)
     stored: bool = False
+    wide_linear: bool = False  # the verification timings ran float32 CPU linears as W @ x^T
     refused: str | None = None  # why the choice was not stored (noise, or predicted slower than plain)
 
     @property
@@ -454,6 +457,7 @@ def tune(
     bar = tqdm(total=total, desc="clover2 tune", unit="step", disable=not progress, leave=False)
     verify_table: dict[int, float] = {}
     draft_table: dict[str, float] = {}
+    wide_linear = False
     samples: dict[Any, list[float]] = {}
     usage = CpuUsage()
     try:
@@ -476,8 +480,10 @@ def tune(
         with usage:
             if verify_time_fn is None:
                 logger.info("timing target forwards over %d token counts at context %d", len(qs), context_length)
+                wide = bool(known.wide_linear) if (known := device_costs(target, cache_dir, calibrate=False)) else False
                 verify_samples = measure_verify_samples(target, qs, context_length, repeats, timer=timer,
-                                                        progress=lambda: bar.update(1))
+                                                        progress=lambda: bar.update(1), wide_linear=wide)
+                wide_linear = wide
                 samples.update({("verify", q): ts for q, ts in verify_samples.items()})
                 verify_table = {q: min(ts) for q, ts in verify_samples.items()}
                 verify_time_fn = verify_table.__getitem__
@@ -508,6 +514,7 @@ def tune(
     result.verify_time_s, result.draft_time_s = verify_table, draft_table
     result.target, result.device = target_key(target), device_key(target.device)
     result.draft = getattr(draft, "name_or_path", "") or None
+    result.wide_linear = wide_linear
     result.noise = timing_spread(samples) if samples else None
     if samples and target.device.type == "cpu":
         result.other_cpu_load = usage.other_cores

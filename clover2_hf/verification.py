@@ -40,11 +40,15 @@ class CpuVerifyLinears:
     baseline is not made faster. Only exact `nn.Linear` modules with float32 CPU weights are switched,
     per instance and only inside `with self:`; the products are the same up to float rounding order,
     as with any other kernel choice (greedy identity is checked by the tests and by every benchmark).
-    Set `CLOVER2_HF_WIDE_LINEAR=0` to switch it off.
+    Whether it pays depends on the CPU and its BLAS (on an Intel Xeon with torch 2.13 it made the same
+    passes slower), so it is off unless `enabled`: the device calibration (`clover2_hf.cost_model`)
+    times the passes both ways and turns it on only where it measured faster.
+    `CLOVER2_HF_WIDE_LINEAR=1` / `=0` forces it on / off.
     """
 
-    def __init__(self, target) -> None:
-        enabled = os.environ.get("CLOVER2_HF_WIDE_LINEAR", "1") != "0"
+    def __init__(self, target, enabled: bool = False) -> None:
+        forced = os.environ.get("CLOVER2_HF_WIDE_LINEAR", "").strip()
+        enabled = forced != "0" if forced in ("0", "1") else bool(enabled)
         self.modules = [
             m for m in target.modules()
             if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32

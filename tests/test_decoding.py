@@ -418,6 +418,7 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
     draft.config.decoding = "tree"
     monkeypatch.setattr(draft.config, "tree_budget", 25)  # every pass verifies a tree (q > 1)
     monkeypatch.setattr(draft.config, "tree_top_k", 10)
+    monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "1")  # forced on (by default only where calibration measured it faster)
     seen = []
     monkeypatch.setattr(
         "clover2_hf.verification.wide_linear_forward",
@@ -430,12 +431,15 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
     # a forward already replaced on the instance (accelerate's hooks do that) is neither used nor removed
     layer = target.lm_head
     hooked = layer.forward = lambda x: torch.nn.functional.linear(x, layer.weight, layer.bias)
-    with _CpuVerifyLinears(target):
+    with _CpuVerifyLinears(target, enabled=True):
         assert layer.forward is hooked
     assert layer.__dict__["forward"] is hooked
     del layer.forward
+    assert _CpuVerifyLinears(target, enabled=True).modules
     monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "0")
-    assert _CpuVerifyLinears(target).modules == []
+    assert _CpuVerifyLinears(target, enabled=True).modules == []
+    monkeypatch.delenv("CLOVER2_HF_WIDE_LINEAR")
+    assert _CpuVerifyLinears(target).modules == []  # off unless enabled
 
 
 def test_cpu_masked_gqa_keeps_outputs_sets_the_switch_only_inside_and_respects_the_user(monkeypatch):

@@ -198,7 +198,7 @@ def binary_tree(num_nodes: int, device: torch.device) -> DraftTree:
 def measure_verify_samples(target, num_tokens: Sequence[int], context_length: int = 256, rounds: int = 5,
                            seed: int = 0, timer: Callable[[], float] = time.perf_counter,
                            progress: Callable[[], None] | None = None,
-                           stop_ratio: float | None = None) -> dict[int, list[float]]:
+                           stop_ratio: float | None = None, wide_linear: bool = False) -> dict[int, list[float]]:
     """Seconds of one target verification forward over q tokens, `rounds` samples for each q.
 
     Each forward uses a tree attention mask (a binary tree of q - 1 nodes) and positions context +
@@ -208,7 +208,8 @@ def measure_verify_samples(target, num_tokens: Sequence[int], context_length: in
     so a burst of load from another process hits all of them alike instead of one q. `timer` returns
     seconds (injectable for tests); `progress` is called after every timed forward. With `stop_ratio`,
     the warm-up round stops at the first q whose pass costs more than `stop_ratio` 1-token passes, and
-    larger q are not timed (`DeviceCosts` extrapolates).
+    larger q are not timed (`DeviceCosts` extrapolates). `wide_linear`: run float32 CPU linears of
+    the tree passes as W @ x^T (`CpuVerifyLinears`).
     """
     device = target.device
     vocab = target.config.get_text_config().vocab_size
@@ -218,7 +219,7 @@ def measure_verify_samples(target, num_tokens: Sequence[int], context_length: in
     cache.activate_past_recording()
     target(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
     past = cache.get_seq_length()
-    linears, gqa = CpuVerifyLinears(target), CpuMaskedGqa(target)
+    linears, gqa = CpuVerifyLinears(target, enabled=wide_linear), CpuMaskedGqa(target)
     qs = sorted(set(int(n) for n in num_tokens))
     if not qs or qs[0] < 1:
         raise ValueError(f"token counts must be >= 1, got {num_tokens}")
@@ -318,6 +319,7 @@ class DeviceCosts:
     """Verification-pass cost (seconds) as a function of the number of tokens q, from a measured table."""
 
     verify_s: dict[int, float]
+    wide_linear: bool = False  # tree passes run their float32 CPU linears as W @ x^T (measured faster)
     # "calibration" (first use) or "tune" (`clover2 tune`'s record): corrected online by observed pass
     # times; "given": a table the caller supplies (e.g. a model of another device), used as it is
     source: str = "calibration"
@@ -365,7 +367,8 @@ class DeviceCosts:
         return best
 
     def to_dict(self) -> dict[str, Any]:
-        return {"verify_time_s": {str(q): t for q, t in self.verify_s.items()}, "source": self.source}
+        return {"verify_time_s": {str(q): t for q, t in self.verify_s.items()}, "source": self.source,
+                "wide_linear": self.wide_linear}
 
 
 _COSTS: dict[str, DeviceCosts] = {}
@@ -385,7 +388,7 @@ def device_costs(target, cache_dir: str | os.PathLike[str] | None = None, calibr
         try:
             table = {int(q): float(t) for q, t in tuned["verify_time_s"].items()}
             if 1 in table:
-                return DeviceCosts(table, source="tune")
+                return DeviceCosts(table, wide_linear=bool(tuned.get("wide_linear", False)), source="tune")
         except (TypeError, ValueError):
             pass
     key = entry_key(target)
@@ -397,7 +400,8 @@ def device_costs(target, cache_dir: str | os.PathLike[str] | None = None, calibr
     costs = None
     if isinstance(record, dict):
         try:
-            costs = DeviceCosts({int(q): float(t) for q, t in record["verify_time_s"].items()})
+            costs = DeviceCosts({int(q): float(t) for q, t in record["verify_time_s"].items()},
+                                wide_linear=bool(record.get("wide_linear", False)))
         except (KeyError, TypeError, ValueError, AttributeError):
             logger.warning("ignoring malformed Clover-2 calibration record for %s", key)
     if costs is None:
@@ -407,7 +411,13 @@ def device_costs(target, cache_dir: str | os.PathLike[str] | None = None, calibr
                     device_key(target.device), path)
         with CpuUsage() as usage:
             samples = measure_verify_samples(target, CALIBRATION_TOKENS, context_length=256, rounds=3, stop_ratio=3.0)
-        costs = DeviceCosts({q: min(ts) for q, ts in samples.items()})
+            costs = DeviceCosts({q: min(ts) for q, ts in samples.items()})
+            if uses_cpu_float32_linears(target):  # time the other kernel choice too, keep the faster one
+                wide = measure_verify_samples(target, sorted(samples), context_length=256, rounds=3, wide_linear=True)
+                wide_costs = DeviceCosts({q: min(ts) for q, ts in wide.items()}, wide_linear=True)
+                tree_qs = [q for q in costs.verify_s if q > 1]
+                if sum(wide_costs.verify_s[q] for q in tree_qs) < sum(costs.verify_s[q] for q in tree_qs):
+                    costs, samples = wide_costs, wide
         spread = timing_spread(samples)
         busy = usage.other_cores if target.device.type == "cpu" else None
         if spread > CALIBRATION_NOISE_LIMIT or (busy is not None and busy > CALIBRATION_LOAD_LIMIT):
@@ -430,6 +440,12 @@ def device_costs(target, cache_dir: str | os.PathLike[str] | None = None, calibr
 MIN_AUTO_NODES = 4
 
 
+def uses_cpu_float32_linears(target) -> bool:
+    """Whether `target` has float32 `nn.Linear` weights on the CPU (where `CpuVerifyLinears` may apply)."""
+    return any(type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+               for m in target.modules())
+
+
 def auto_top_k(max_nodes: int) -> int:
     """Children per expanded node for an automatic tree of up to `max_nodes` nodes (2..8, about sqrt + 1)."""
     return max(2, min(8, round(math.sqrt(max_nodes)) + 1))
@@ -444,6 +460,7 @@ class TreeSettings:
     adaptive: bool  # the per-step `TreeSizer` picks how much of the tree to verify
     source: str  # "config", "tuning file" or "device cost model"
     costs: DeviceCosts | None = None
+    wide_linear: bool = False  # run the tree passes' float32 CPU linears as W @ x^T (`CpuVerifyLinears`)
 
     def describe(self) -> str:
         if self.adaptive:
@@ -463,19 +480,24 @@ def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None =
     cfg = draft.config
     budget, top_k = cfg.tree_budget, cfg.tree_top_k
     if budget != "auto" and top_k != "auto":
-        return TreeSettings(top_k=top_k, budget=budget, adaptive=False, source="config")
+        known = device_costs(target, cache_dir, calibrate=False)  # the kernel choice, if measured already
+        return TreeSettings(top_k=top_k, budget=budget, adaptive=False, source="config",
+                            wide_linear=bool(known and known.wide_linear))
     record = load_tuned_settings(draft, target, cache_dir)
     if record is not None:
         return TreeSettings(top_k=record["tree_top_k"] if top_k == "auto" else top_k,
                             budget=record["tree_budget"] if budget == "auto" else budget,
-                            adaptive=False, source="tuning file")
+                            adaptive=False, source="tuning file", wide_linear=bool(record.get("wide_linear", False)))
     if budget != "auto":
-        return TreeSettings(top_k=auto_top_k(budget), budget=budget, adaptive=False, source="config")
+        known = device_costs(target, cache_dir, calibrate=False)
+        return TreeSettings(top_k=auto_top_k(budget), budget=budget, adaptive=False, source="config",
+                            wide_linear=bool(known and known.wide_linear))
     costs = device_costs(target, cache_dir)
     # at least a few nodes: the sizer corrects the table online and verifies fewer when they do not pay
     max_nodes = max(costs.max_useful_tokens() - 1, MIN_AUTO_NODES)
     k = auto_top_k(max_nodes) if top_k == "auto" else top_k
-    return TreeSettings(top_k=k, budget=max_nodes, adaptive=True, source="device cost model", costs=costs)
+    return TreeSettings(top_k=k, budget=max_nodes, adaptive=True, source="device cost model", costs=costs,
+                        wide_linear=costs.wide_linear)
 
 
 # --------------------------------------------------------------------------- the per-step policy

@@ -246,7 +246,7 @@ def clover2_tree_decode(
     t_start = time.perf_counter()
 
     capture = _PreNormCapture(model)
-    verify_linears, verify_gqa = _CpuVerifyLinears(model), _CpuMaskedGqa(model)
+    verify_linears, verify_gqa = _CpuVerifyLinears(model, enabled=settings.wide_linear), _CpuMaskedGqa(model)
     try:
         # Prefill: the target reads the prompt and picks the first new token itself.
         out = model(
