@@ -136,7 +136,13 @@ def test_sizer_takes_plain_steps_and_backs_off_where_trees_do_not_pay():
     assert skips == [1, 2, 4, 8, 16]  # drafting is skipped for longer and longer
     confident = _tree([8 * i * math.log(0.999) for i in range(1, 9)], list(range(8)))  # a sure 8-token chain
     kept, _ = sizer.choose(confident, 8, drafted=True)
-    assert kept == list(range(8)) and sizer.skip == 0 and sizer.backoff == 0
+    assert kept == list(range(8)) and sizer.skip == 0
+    sizer.finish_step(drafted=True, tokens=9, seconds=0.05)  # 9 tokens in 5 plain steps' time: it paid
+    assert sizer.backoff == 0
+    sizer.choose(confident, 8, drafted=True)
+    for _ in range(3):  # ... but then three drafted steps emit 1 token each in 5 plain steps' time
+        sizer.finish_step(drafted=True, tokens=1, seconds=0.05)
+    assert sizer.backoff > 0 and sizer.skip > 0
 
 
 def test_sizer_prefix_is_closed_under_ancestors_and_learns_its_correction():

@@ -127,10 +127,14 @@ def test_tune_with_injected_costs_saves_and_generate_settings_follow(monkeypatch
     assert (draft.config.tree_budget, draft.config.tree_top_k) == ("auto", "auto")
     settings = auto_tree_settings(draft, target)
     assert (settings.budget, settings.top_k, settings.source) == (result.budget, result.top_k, "tuning file")
+    assert settings.adaptive  # tune's tree is the largest; the sizer still verifies what pays
+    draft.config.tree_top_k = 3
+    assert auto_tree_settings(draft, target).top_k == 3
+    draft.config.tree_top_k = "auto"
     assert (draft.config.tree_budget, draft.config.tree_top_k) == ("auto", "auto")
     draft.config.tree_budget = 7  # a user's explicit budget wins; the tuned top-k fills the "auto" one
     settings = auto_tree_settings(draft, target)
-    assert (settings.budget, settings.top_k) == (7, result.top_k)
+    assert (settings.budget, settings.top_k, settings.adaptive) == (7, result.top_k, False)
     draft.config.tree_budget = "auto"
 
     monkeypatch.setenv("CLOVER2_HF_TUNING", "0")

@@ -464,8 +464,9 @@ class TreeSettings:
 
     def describe(self) -> str:
         if self.adaptive:
+            source = "clover2 tune" if self.costs and self.costs.source == "tune" else "first-use calibration"
             return (f"tree sized per step by the device cost model (up to {self.budget} nodes, top-k {self.top_k}; "
-                    f"pass costs from {self.costs.source if self.costs else '?'})")
+                    f"pass costs from {source})")
         return f"tree_budget={self.budget}, tree_top_k={self.top_k} (from the {self.source})"
 
 
@@ -473,9 +474,10 @@ def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None =
     """Resolve the drafter's tree settings for `target` on its device, never changing `draft.config`.
 
     Integers in `draft.config.tree_budget` / `tree_top_k` are the caller's choice and are used as they
-    are. ``"auto"`` values are filled from `clover2 tune`'s record when one exists for this target and
-    device; otherwise an ``"auto"`` budget means the per-step `TreeSizer` over the device's cost table,
-    with up to `DeviceCosts.max_useful_tokens() - 1` (at least `MIN_AUTO_NODES`) nodes.
+    are (a fixed tree). An ``"auto"`` budget means the per-step `TreeSizer`: with `clover2 tune`'s record
+    for this target and device, over tune's measured pass costs and with tune's budget and top-k as
+    the largest tree; without one, over the device's first-use calibration, with up to
+    `DeviceCosts.max_useful_tokens() - 1` (at least `MIN_AUTO_NODES`) nodes.
     """
     cfg = draft.config
     budget, top_k = cfg.tree_budget, cfg.tree_top_k
@@ -485,9 +487,14 @@ def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None =
                             wide_linear=bool(known and known.wide_linear))
     record = load_tuned_settings(draft, target, cache_dir)
     if record is not None:
-        return TreeSettings(top_k=record["tree_top_k"] if top_k == "auto" else top_k,
-                            budget=record["tree_budget"] if budget == "auto" else budget,
-                            adaptive=False, source="tuning file", wide_linear=bool(record.get("wide_linear", False)))
+        k = record["tree_top_k"] if top_k == "auto" else top_k
+        if budget != "auto":
+            return TreeSettings(top_k=k, budget=budget, adaptive=False, source="tuning file",
+                                wide_linear=bool(record.get("wide_linear", False)))
+        # tune's budget caps the tree; the sizer still verifies only the part that pays, at tune's pass costs
+        costs = device_costs(target, cache_dir, tuned=record)
+        return TreeSettings(top_k=k, budget=record["tree_budget"], adaptive=True, source="tuning file", costs=costs,
+                            wide_linear=costs.wide_linear)
     if budget != "auto":
         known = device_costs(target, cache_dir, calibrate=False)
         return TreeSettings(top_k=auto_top_k(budget), budget=budget, adaptive=False, source="config",
@@ -515,6 +522,9 @@ class AcceptanceModel:
     accepted: list[float] = field(default_factory=list)  # per depth: accepted drafted nodes
     lookup_reached: float = 0.0
     lookup_accepted: float = 0.0
+    # tokens a drafted step emitted beyond what plain decoding emits in the same time (decayed sums)
+    drafting_gain: float = 0.0
+    drafting_weight: float = 0.0
     # observed and predicted seconds of 1-token passes and of tree passes
     observed_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
     predicted_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -524,6 +534,8 @@ class AcceptanceModel:
             values[:] = [factor * v for v in values]
         self.lookup_reached *= factor
         self.lookup_accepted *= factor
+        self.drafting_gain *= factor
+        self.drafting_weight *= factor
 
     def correction(self, depth: int, prior: float = 2.0) -> float:
         """accepted / predicted at `depth` (1-based), from a prior of 1 worth `prior` predicted nodes."""
@@ -558,16 +570,16 @@ class TreeSizer:
     is a plain step. The pass costs are the device table's, each class (1-token passes, tree passes)
     scaled by the ratio of the observed times to the table's predictions, so a table measured on a busy
     machine, or a context much longer than the calibration's, is corrected as decoding goes. Drafting is
-    skipped for the next 1, 2, 4, ... `max_backoff` steps while the predicted rate of a step including
-    the drafting time stays below plain decoding's; the drafter reads the skipped positions in one batch
-    when drafting resumes.
+    skipped for the next 1, 2, 4, ... `max_backoff` steps when a drafted tree is not worth verifying, or
+    while drafted steps have emitted fewer tokens than plain decoding would have in the same time (a
+    decayed running mean, so what the drafter really brings decides, not its own confidence); the
+    drafter reads the skipped positions in one batch when drafting resumes.
     """
 
     costs: DeviceCosts
     model: AcceptanceModel = field(default_factory=AcceptanceModel)
     margin: float = 1.0  # a tree is verified only when predicted to beat plain decoding's rate by this factor
     max_backoff: int = 16  # the longest run of steps without drafting
-    draft_time_s: float | None = None  # running mean of the drafting phase
     backoff: int = 0
     skip: int = 0
     history: list[int] = field(default_factory=list)  # nodes verified per step (tests, stats)
@@ -613,9 +625,6 @@ class TreeSizer:
             self.skip -= 1
             return False
         return True
-
-    def record_draft_time(self, seconds: float) -> None:
-        self.draft_time_s = seconds if self.draft_time_s is None else 0.8 * self.draft_time_s + 0.2 * seconds
 
     def worth_growing(self, first_logprobs: torch.Tensor, top_k: int) -> bool:
         """Whether a tree from these depth-1 log-probabilities [V_draft] could pay for its verification.
@@ -684,15 +693,28 @@ class TreeSizer:
                 best_b, best_rate = b, rate
         kept = sorted(order[:best_b])
         expected = 1.0 + gain[best_b]
-        if drafted:
-            step_rate = expected / ((self.draft_time_s or 0.0) + self.verify_time(best_b + 1))
-            if best_b == 0 or step_rate < 1.0 / self.verify_time(1):
-                self.backoff = min(max(2 * self.backoff, 1), self.max_backoff)
-                self.skip = self.backoff
-            else:
-                self.backoff = 0
+        if drafted and best_b == 0:  # drafting found nothing worth verifying
+            self._back_off()
         self.history.append(best_b)
         return kept, expected
+
+    def _back_off(self) -> None:
+        self.backoff = min(max(2 * self.backoff, 1), self.max_backoff)
+        self.skip = self.backoff
+
+    def finish_step(self, drafted: bool, tokens: int, seconds: float) -> None:
+        """Judge drafting by what it really brought: after a drafted step that verified a tree, `tokens`
+        emitted in `seconds` (drafting + verification) against the tokens plain decoding emits in that
+        time. While the running mean of that gain is negative, drafting backs off."""
+        if not drafted or not self.history or self.history[-1] == 0:
+            return
+        gain = tokens - seconds / self.verify_time(1)
+        self.model.drafting_gain = 0.8 * self.model.drafting_gain + gain
+        self.model.drafting_weight = 0.8 * self.model.drafting_weight + 1.0
+        if self.model.drafting_gain < 0:
+            self._back_off()
+        else:
+            self.backoff = 0
 
     def update(self, tree: DraftTree, num_drafted: int, accepted_nodes: Sequence[int]) -> None:
         """Learn from a verified step: `accepted_nodes` are the accepted node indices (verify index - 1)."""

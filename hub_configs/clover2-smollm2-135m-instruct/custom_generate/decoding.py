@@ -306,9 +306,6 @@ def clover2_tree_decode(
                                              cfg.tree_lookup_ngram)
                 tree = add_path(tree, lookup) if lookup else tree
             if sizer is not None:
-                if drafting:
-                    _sync(device)
-                    sizer.record_draft_time(time.perf_counter() - t0)
                 kept, _ = sizer.choose(tree, num_drafted, drafting)
                 tree = select_nodes(tree, kept)
                 num_drafted = sum(1 for m in kept if m < num_drafted)
@@ -368,6 +365,7 @@ def clover2_tree_decode(
             stats.tokens_per_step.append(emitted + (0 if finished else 1))
             if sizer is not None:
                 sizer.update(tree, num_drafted, [v - 1 for v in path[1:]])
+                sizer.finish_step(drafting, emitted + 1, t2 - t0)
 
             # ---- keep the accepted path in the target cache; queue its states for the drafter
             compact_cache(cache, q, path)
