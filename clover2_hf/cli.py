@@ -562,6 +562,8 @@ def _tune(args) -> None:
         print(f"stored for {result.target} on {result.device} in {tuning_file()} ({noise})")
     elif result.refused:
         print(f"not stored: {result.refused} ({noise})")
+    else:
+        print(f"not stored (--no-save) ({noise})")
     if args.output:
         Path(args.output).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
 
