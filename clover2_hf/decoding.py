@@ -182,10 +182,12 @@ def _expand_fn(draft: Clover2ForDrafting):
 
 
 def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Tensor, top_k: int, budget: int,
-               static_paths=None, first_logprobs: torch.Tensor | None = None) -> DraftTree:
+               static_paths=None, first_logprobs: torch.Tensor | None = None,
+               max_depth: int | None = None) -> DraftTree:
     """Head depth 0 + `build_tree` from an augmented state c_t [H]: the tree of one drafting phase.
 
-    `first_logprobs` [V_draft]: head depth 0's log-probabilities when the caller computed them already."""
+    `first_logprobs` [V_draft]: head depth 0's log-probabilities when the caller computed them already;
+    `max_depth`: grow at most this many depths (default: all of the drafter's)."""
     if first_logprobs is None:
         first_logprobs = _first_logprobs(draft, root_state)
     return build_tree(
@@ -193,7 +195,7 @@ def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Ten
         first_logprobs=first_logprobs,
         expand=_expand_fn(draft),
         root_state=root_state,
-        max_depth=draft.config.num_draft_depths,
+        max_depth=min(max_depth or draft.config.num_draft_depths, draft.config.num_draft_depths),
         top_k=top_k,
         budget=budget,
         to_target_ids=draft.draft_to_target_ids,
@@ -294,7 +296,8 @@ def clover2_tree_decode(
                 first = _first_logprobs(draft, augmented[0, -1])  # [V_draft]
                 if sizer is None or sizer.worth_growing(first, settings.top_k):
                     tree = _grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget,
-                                      static_paths, first_logprobs=first)
+                                      static_paths, first_logprobs=first,
+                                      max_depth=sizer.depth_cap if sizer is not None else None)
                 else:  # not even the drafter's most confident chain could pay for its verification
                     tree = root_only(int(token), device)
             else:  # the drafter reads the skipped positions when drafting resumes

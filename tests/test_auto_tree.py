@@ -272,3 +272,13 @@ def test_what_a_call_learnt_carries_to_the_next_call_of_the_pair():
     assert second.model is first.model and second.correction < 0.5  # decayed, not forgotten
     other = TreeSizer.for_pair(draft, make_tiny_target("qwen2"), costs)
     assert other.correction == pytest.approx(1.0)  # another target starts afresh
+
+
+def test_trees_grow_one_depth_beyond_what_was_last_kept():
+    sizer = TreeSizer(DeviceCosts(STEEP, source="given"))
+    weak = _tree([math.log(0.3), math.log(0.2)], [0, 1])  # worth nothing on this device
+    sizer.choose(weak, 2, drafted=True)
+    assert sizer.depth_cap == 1  # only depth 1 is grown next time
+    sure = _tree([8 * i * math.log(0.999) for i in range(1, 9)], list(range(8)))
+    sizer.choose(sure, 8, drafted=True)
+    assert sizer.depth_cap == 9  # the whole chain was kept: grow deeper again

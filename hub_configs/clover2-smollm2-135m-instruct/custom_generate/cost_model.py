@@ -573,7 +573,9 @@ class TreeSizer:
     skipped for the next 1, 2, 4, ... `max_backoff` steps when a drafted tree is not worth verifying, or
     while drafted steps have emitted fewer tokens than plain decoding would have in the same time (a
     decayed running mean, so what the drafter really brings decides, not its own confidence); the
-    drafter reads the skipped positions in one batch when drafting resumes.
+    drafter reads the skipped positions in one batch when drafting resumes. Trees are grown one depth
+    deeper than the deepest drafted node the last choice kept (`depth_cap`), so a drafter that is
+    only trusted near the root spends no head steps on depths nobody verifies.
     """
 
     costs: DeviceCosts
@@ -583,6 +585,7 @@ class TreeSizer:
     backoff: int = 0
     skip: int = 0
     history: list[int] = field(default_factory=list)  # nodes verified per step (tests, stats)
+    depth_cap: int = 64  # depths worth growing: one more than the deepest drafted node last kept
 
     @classmethod
     def for_pair(cls, draft, target, costs: DeviceCosts) -> TreeSizer:
@@ -693,6 +696,8 @@ class TreeSizer:
                 best_b, best_rate = b, rate
         kept = sorted(order[:best_b])
         expected = 1.0 + gain[best_b]
+        if drafted:  # grow one depth beyond what is used: deeper drafting costs head steps and is not verified
+            self.depth_cap = max((depths[m] for m in kept if m < num_drafted), default=0) + 1
         if drafted and best_b == 0:  # drafting found nothing worth verifying
             self._back_off()
         self.history.append(best_b)
