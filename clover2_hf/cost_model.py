@@ -96,8 +96,19 @@ def device_key(device: torch.device | str) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     if device.type == "cpu":
-        return f"cpu:{platform.machine()}:{torch.get_num_threads()}threads"
+        return f"cpu:{platform.machine()}:{_cpu_model()}:{torch.get_num_threads()}threads"
     return device.type
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), so that two kinds of CPU never share a cost table."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def entry_key(target) -> str:
@@ -219,7 +230,7 @@ def measure_verify_samples(target, num_tokens: Sequence[int], context_length: in
     cache.activate_past_recording()
     target(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
     past = cache.get_seq_length()
-    linears, gqa = CpuVerifyLinears(target, enabled=wide_linear), CpuMaskedGqa(target)
+    linears, gqa = CpuVerifyLinears(target, enabled=wide_linear, honour_env=False), CpuMaskedGqa(target)
     qs = sorted(set(int(n) for n in num_tokens))
     if not qs or qs[0] < 1:
         raise ValueError(f"token counts must be >= 1, got {num_tokens}")
@@ -242,12 +253,13 @@ def measure_verify_samples(target, num_tokens: Sequence[int], context_length: in
 
         steps[q] = step
     first = None
-    for i, q in enumerate(qs):  # warm-up round
-        _sync(device)
-        t0 = time.perf_counter()
-        steps[q]()
-        _sync(device)
-        elapsed = time.perf_counter() - t0
+    for i, q in enumerate(qs):  # warm-up round: the second of two passes decides where to stop
+        for _ in range(2 if stop_ratio is not None else 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[q]()
+            _sync(device)
+            elapsed = time.perf_counter() - t0
         first = elapsed if first is None else first
         if stop_ratio is not None and q > 1 and elapsed > stop_ratio * first:
             qs = qs[: i + 1]
@@ -277,7 +289,8 @@ def measure_verify_time(target, num_tokens: Sequence[int], context_length: int =
 
 
 class CpuUsage:
-    """CPU time used by other processes between `start` and `stop`, in cores (Linux /proc/stat)."""
+    """CPU cores that other processes kept busy while the `with` block ran, beyond the cores this
+    process's torch threads leave free (Linux /proc/stat; None elsewhere)."""
 
     def __init__(self) -> None:
         self.other_cores: float | None = None
@@ -302,7 +315,9 @@ class CpuUsage:
         if busy is None or self._busy is None or wall <= 0:
             return
         others = (busy - self._busy) - (time.process_time() - self._own)
-        self.other_cores = max(others, 0.0) / wall
+        # cores this process's threads do not use may be busy without slowing it down
+        spare = max((os.cpu_count() or 1) - torch.get_num_threads(), 0)
+        self.other_cores = max(others / wall - spare, 0.0)
 
 
 def timing_spread(samples: dict[Any, list[float]]) -> float:
@@ -328,7 +343,7 @@ class DeviceCosts:
         if not self.verify_s or 1 not in self.verify_s:
             raise ValueError("a cost table needs at least the time of a 1-token pass (q = 1)")
         qs = sorted(self.verify_s)
-        running = 0.0
+        running = 1e-9  # a degenerate (zero) timer must not divide by zero later
         table = {}
         for q in qs:  # a longer pass never costs less than a shorter one (noise aside)
             running = max(running, float(self.verify_s[q]))

@@ -463,6 +463,8 @@ def tune(
     try:
         if tokens_per_step_fn is None:
             logger.info("calibrating acceptance on %d prompt(s), %d new tokens each", len(prompts), max_new_tokens)
+            if not prompts:
+                raise ValueError("tune needs at least one calibration prompt (or tokens_per_step_fn)")
             measured: dict[tuple[int, int], list[float]] = {}
             per_prompt = []
             for prompt in prompts:

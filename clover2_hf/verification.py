@@ -43,11 +43,12 @@ class CpuVerifyLinears:
     Whether it pays depends on the CPU and its BLAS (on an Intel Xeon with torch 2.13 it made the same
     passes slower), so it is off unless `enabled`: the device calibration (`clover2_hf.cost_model`)
     times the passes both ways and turns it on only where it measured faster.
-    `CLOVER2_HF_WIDE_LINEAR=1` / `=0` forces it on / off.
+    `CLOVER2_HF_WIDE_LINEAR=1` / `=0` forces it on / off in decoding (timings pass `honour_env=False`,
+    so what they record is the kernel that really ran).
     """
 
-    def __init__(self, target, enabled: bool = False) -> None:
-        forced = os.environ.get("CLOVER2_HF_WIDE_LINEAR", "").strip()
+    def __init__(self, target, enabled: bool = False, honour_env: bool = True) -> None:
+        forced = os.environ.get("CLOVER2_HF_WIDE_LINEAR", "").strip() if honour_env else ""
         enabled = forced != "0" if forced in ("0", "1") else bool(enabled)
         self.modules = [
             m for m in target.modules()

@@ -282,3 +282,13 @@ def test_trees_grow_one_depth_beyond_what_was_last_kept():
     sure = _tree([8 * i * math.log(0.999) for i in range(1, 9)], list(range(8)))
     sizer.choose(sure, 8, drafted=True)
     assert sizer.depth_cap == 9  # the whole chain was kept: grow deeper again
+
+
+def test_timings_ignore_the_kernel_override_and_record_what_ran(monkeypatch):
+    from clover2_hf.verification import CpuVerifyLinears
+
+    target = make_tiny_target("llama")
+    monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "1")
+    assert CpuVerifyLinears(target).modules  # decoding honours the user's override ...
+    assert CpuVerifyLinears(target, honour_env=False).modules == []  # ... a timing of the stock kernel does not
+    assert cost_model._cpu_model() in cost_model.device_key("cpu")  # two kinds of CPU never share a table
