@@ -287,20 +287,20 @@ def clover2_tree_decode(
             # ---- draft: feed verified positions to the augmenting block, then grow the tree
             _sync(device)
             t0 = time.perf_counter()
-            drafting = sizer is None or sizer.should_draft()
+            drafting = sizer is None or sizer.should_draft()  # skipped: the drafter reads those positions later
+            tree = None
             if drafting:
                 n_pending = pending_hidden.shape[1]
                 next_ids = input_ids[:, -n_pending:].to(draft_device)
                 augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
                 pending_hidden = None
                 first = _first_logprobs(draft, augmented[0, -1])  # [V_draft]
+                # (with a sizer, no tree is grown when not even the drafter's most confident chain could pay)
                 if sizer is None or sizer.worth_growing(first, settings.top_k):
                     tree = _grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget,
                                       static_paths, first_logprobs=first,
                                       max_depth=sizer.depth_cap if sizer is not None else None)
-                else:  # not even the drafter's most confident chain could pay for its verification
-                    tree = root_only(int(token), device)
-            else:  # the drafter reads the skipped positions when drafting resumes
+            if tree is None:
                 tree = root_only(int(token), device)
             num_drafted = tree.num_nodes
             room = gc.max_length - input_ids.shape[1]  # tokens that can still be emitted
