@@ -27,6 +27,12 @@ draft = AutoModel.from_pretrained(draft_dir, trust_remote_code=True)
 assert type(draft).__name__ == "Clover2ForDrafting", type(draft)
 assert type(draft).__module__.startswith("transformers_modules."), type(draft).__module__
 
+# Warm-up call: on first use the drafter's decoding loop times the target's passes (device calibration).
+warm = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=False,
+                                               add_generation_prompt=True), return_tensors="pt")
+target.generate(**warm, assistant_model=draft, custom_generate=draft_dir, trust_remote_code=True, do_sample=False,
+                max_new_tokens=4)
+
 forwards = []
 target.register_forward_pre_hook(lambda module, args: forwards.append(1))
 results = []

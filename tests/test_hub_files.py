@@ -253,7 +253,8 @@ def test_fresh_virtualenv_decodes_with_shipped_drafter(tmp_path):
     python = _fresh_venv(target_dir.parent / "test-venvs")
     venv_s = time.perf_counter() - started
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="2")
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="2",
+               CLOVER2_HF_CACHE=str(tmp_path / "cache"))  # the loop's first-use calibration goes there
     result = subprocess.run(
         [str(python), str(REPO / "tests" / "remote_decode_script.py"), str(SHIPPED), str(target_dir), "32",
          json.dumps(VENV_PROMPTS)],
