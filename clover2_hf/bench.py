@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .cost_model import auto_tree_settings
+from .cost_model import auto_tree_settings, sync_device
 from .decoding import Clover2Stats
 
 logger = logging.getLogger(__name__)
@@ -352,11 +352,6 @@ def _write_figures(result: BenchResult, output_dir: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- measurement helpers
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def _count_forwards(model) -> Iterator[list[int]]:
     """Counts `model`'s forward calls (counter[0])."""
@@ -379,11 +374,11 @@ def _time_forwards(model, device: torch.device) -> Iterator[list[float]]:
     start: list[float] = []
 
     def pre(module, args, kwargs):
-        _sync(device)
+        sync_device(device)
         start.append(time.perf_counter())
 
     def post(module, args, kwargs, output):
-        _sync(device)
+        sync_device(device)
         total[0] += time.perf_counter() - start.pop()
 
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
@@ -434,10 +429,10 @@ class _Runner:
         timing = _time_forwards(self.assistant, self.device) if method == "assisted" else contextlib.nullcontext([None])
         try:
             with torch.no_grad(), _count_forwards(self.target) as forwards, timing as assistant_time:
-                _sync(self.device)
+                sync_device(self.device)
                 t0 = time.perf_counter()
                 out = self.target.generate(ids, **kwargs)
-                _sync(self.device)
+                sync_device(self.device)
                 elapsed = time.perf_counter() - t0
         finally:
             for name, value in restore.items():

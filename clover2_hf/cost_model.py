@@ -22,7 +22,6 @@ own choice), only how many come per pass.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -56,9 +55,11 @@ __all__ = [
     "auto_tree_settings",
     "device_costs",
     "device_key",
+    "interleaved_samples",
     "load_tuned_settings",
     "measure_verify_samples",
     "measure_verify_time",
+    "sync_device",
     "target_key",
     "timing_spread",
     "tuning_file",
@@ -189,7 +190,8 @@ def load_tuned_settings(draft, target, cache_dir: str | os.PathLike[str] | None 
 # --------------------------------------------------------------------------- timing verification passes
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a host clock brackets it; a no-op elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -255,23 +257,34 @@ def measure_verify_samples(target, num_tokens: Sequence[int], context_length: in
     first = None
     for i, q in enumerate(qs):  # warm-up round: the second of two passes decides where to stop
         for _ in range(2 if stop_ratio is not None else 1):
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             steps[q]()
-            _sync(device)
+            sync_device(device)
             elapsed = time.perf_counter() - t0
         first = elapsed if first is None else first
         if stop_ratio is not None and q > 1 and elapsed > stop_ratio * first:
             qs = qs[: i + 1]
             break
-    samples: dict[int, list[float]] = {q: [] for q in qs}
+    return interleaved_samples({q: steps[q] for q in qs}, device, rounds, timer, progress, warmup=False)
+
+
+def interleaved_samples(fns: dict[Any, Callable[[], None]], device: torch.device, rounds: int,
+                        timer: Callable[[], float] = time.perf_counter,
+                        progress: Callable[[], None] | None = None, warmup: bool = True) -> dict[Any, list[float]]:
+    """`rounds` timings of every fn, one of each per round (after a warm-up round unless `warmup` is
+    False): a burst of load from another process then hits all of them alike instead of one."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    samples: dict[Any, list[float]] = {key: [] for key in fns}
     for _ in range(max(rounds, 1)):
-        for q in qs:
-            _sync(device)
+        for key, fn in fns.items():
+            sync_device(device)
             t0 = timer()
-            steps[q]()
-            _sync(device)
-            samples[q].append(timer() - t0)
+            fn()
+            sync_device(device)
+            samples[key].append(timer() - t0)
             if progress is not None:
                 progress()
     return samples
@@ -496,30 +509,26 @@ def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None =
     """
     cfg = draft.config
     budget, top_k = cfg.tree_budget, cfg.tree_top_k
-    if budget != "auto" and top_k != "auto":
-        known = device_costs(target, cache_dir, calibrate=False)  # the kernel choice, if measured already
-        return TreeSettings(top_k=top_k, budget=budget, adaptive=False, source="config",
-                            wide_linear=bool(known and known.wide_linear))
-    record = load_tuned_settings(draft, target, cache_dir)
+    record = None if budget != "auto" and top_k != "auto" else load_tuned_settings(draft, target, cache_dir)
+    if record is not None and top_k == "auto":
+        top_k = record["tree_top_k"]
+    if budget != "auto":  # a fixed tree, run with the kernel choice measured for this device, if any
+        if record is not None:
+            wide_linear = bool(record.get("wide_linear", False))
+        else:
+            known = device_costs(target, cache_dir, calibrate=False)
+            wide_linear = bool(known and known.wide_linear)
+        return TreeSettings(top_k=auto_top_k(budget) if top_k == "auto" else top_k, budget=budget, adaptive=False,
+                            source="tuning file" if record is not None else "config", wide_linear=wide_linear)
     if record is not None:
-        k = record["tree_top_k"] if top_k == "auto" else top_k
-        if budget != "auto":
-            return TreeSettings(top_k=k, budget=budget, adaptive=False, source="tuning file",
-                                wide_linear=bool(record.get("wide_linear", False)))
         # tune's budget caps the tree; the sizer still verifies only the part that pays, at tune's pass costs
-        costs = device_costs(target, cache_dir, tuned=record)
-        return TreeSettings(top_k=k, budget=record["tree_budget"], adaptive=True, source="tuning file", costs=costs,
-                            wide_linear=costs.wide_linear)
-    if budget != "auto":
-        known = device_costs(target, cache_dir, calibrate=False)
-        return TreeSettings(top_k=auto_top_k(budget), budget=budget, adaptive=False, source="config",
-                            wide_linear=bool(known and known.wide_linear))
-    costs = device_costs(target, cache_dir)
-    # at least a few nodes: the sizer corrects the table online and verifies fewer when they do not pay
-    max_nodes = max(costs.max_useful_tokens() - 1, MIN_AUTO_NODES)
-    k = auto_top_k(max_nodes) if top_k == "auto" else top_k
-    return TreeSettings(top_k=k, budget=max_nodes, adaptive=True, source="device cost model", costs=costs,
-                        wide_linear=costs.wide_linear)
+        costs, max_nodes, source = device_costs(target, cache_dir, tuned=record), record["tree_budget"], "tuning file"
+    else:
+        costs, source = device_costs(target, cache_dir), "device cost model"
+        # at least a few nodes: the sizer corrects the table online and verifies fewer when they do not pay
+        max_nodes = max(costs.max_useful_tokens() - 1, MIN_AUTO_NODES)
+    return TreeSettings(top_k=auto_top_k(max_nodes) if top_k == "auto" else top_k, budget=max_nodes, adaptive=True,
+                        source=source, costs=costs, wide_linear=costs.wide_linear)
 
 
 # --------------------------------------------------------------------------- the per-step policy

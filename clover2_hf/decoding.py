@@ -54,13 +54,9 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .modeling_clover2 import Clover2ForDrafting
-from .cost_model import TreeSizer, auto_tree_settings
+from .cost_model import TreeSizer, auto_tree_settings, sync_device
 from .tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_cache, root_only, select_nodes
-from .verification import FORCE_GQA_ENV as _FORCE_GQA_ENV  # noqa: F401  (names kept for older imports)
-from .verification import CpuMaskedGqa as _CpuMaskedGqa
-from .verification import CpuVerifyLinears as _CpuVerifyLinears
-from .verification import target_mask_kwargs as _target_mask_kwargs
-from .verification import wide_linear_forward as _wide_linear_forward  # noqa: F401
+from .verification import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
 
 __all__ = ["Clover2Stats", "Clover2ChainCandidateGenerator", "clover2_tree_decode"]
 
@@ -126,11 +122,6 @@ class _PreNormCapture:
 
     def remove(self) -> None:
         self._handle.remove()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _draft_logprobs(draft: Clover2ForDrafting, head_states: torch.Tensor) -> torch.Tensor:
@@ -248,7 +239,7 @@ def clover2_tree_decode(
     t_start = time.perf_counter()
 
     capture = _PreNormCapture(model)
-    verify_linears, verify_gqa = _CpuVerifyLinears(model, enabled=settings.wide_linear), _CpuMaskedGqa(model)
+    verify_linears, verify_gqa = CpuVerifyLinears(model, enabled=settings.wide_linear), CpuMaskedGqa(model)
     try:
         # Prefill: the target reads the prompt and picks the first new token itself.
         out = model(
@@ -285,7 +276,7 @@ def clover2_tree_decode(
                 break
 
             # ---- draft: feed verified positions to the augmenting block, then grow the tree
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             drafting = sizer is None or sizer.should_draft()  # skipped: the drafter reads those positions later
             tree = None
@@ -312,7 +303,7 @@ def clover2_tree_decode(
                 kept, _ = sizer.choose(tree, num_drafted, drafting)
                 tree = select_nodes(tree, kept)
                 num_drafted = sum(1 for m in kept if m < num_drafted)
-            _sync(device)
+            sync_device(device)
             t1 = time.perf_counter()
             stats.draft_time_s += t1 - t0
 
@@ -329,7 +320,7 @@ def clover2_tree_decode(
                 with verify_linears, verify_gqa:
                     out = model(
                         input_ids=tree_tokens,
-                        attention_mask=_target_mask_kwargs(model, cache, tree, past_length, model.dtype),
+                        attention_mask=target_mask_kwargs(model, cache, tree, past_length, model.dtype),
                         position_ids=(past_length + depths)[None],
                         cache=cache,
                         use_cache=True,
@@ -338,7 +329,7 @@ def clover2_tree_decode(
             stats.tree_sizes.append(tree.num_nodes)
             tree_hidden = capture.hidden  # [1, q, H]
             tree_logits = out.logits[0].float()  # [q, V]
-            _sync(device)
+            sync_device(device)
             t2 = time.perf_counter()
             stats.verify_time_s += t2 - t1
             if sizer is not None:
@@ -433,7 +424,7 @@ class Clover2ChainCandidateGenerator(CandidateGenerator):
         self.stats.target_forwards += 1  # each call is followed by exactly one target pass
         if is_first_iteration:
             return input_ids, None  # let the target prefill and choose the first token itself
-        _sync(input_ids.device)
+        sync_device(input_ids.device)
         t0 = time.perf_counter()
         done = self.draft_cache.get_seq_length()
         n_new = input_ids.shape[1] - 1 - done  # verified positions the drafter has not read yet
@@ -454,7 +445,7 @@ class Clover2ChainCandidateGenerator(CandidateGenerator):
             drafted.append(token.to(input_ids.device))
             drafted_logits.append(logits)
             seq = torch.cat([seq, drafted[-1][:, None]], dim=-1)
-        _sync(input_ids.device)
+        sync_device(input_ids.device)
         self.stats.draft_time_s += time.perf_counter() - t0
         if not drafted:
             return input_ids, None

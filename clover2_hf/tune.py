@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,12 +60,14 @@ from .cost_model import (
     TUNING_DISABLE_ENV_VAR,
     device_key,
     entry_key,
+    interleaved_samples,
     load_tuned_settings,
     measure_verify_samples,
     CpuUsage,
     device_costs,
     measure_verify_time,
     read_entries,
+    sync_device,
     timing_spread,
     target_key,
     tuning_file,
@@ -155,30 +156,6 @@ def save_tuned_settings(result: TuneResult, target, cache_dir: str | os.PathLike
 # --------------------------------------------------------------------------- measurements
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _interleaved_samples(fns: dict[Any, Callable[[], None]], device: torch.device, rounds: int,
-                         timer: Callable[[], float], progress: Callable[[], None] | None) -> dict[Any, list[float]]:
-    """`rounds` timings of every fn, one of each per round after a warm-up round (a burst of load from
-    another process then hits all of them alike)."""
-    for fn in fns.values():
-        fn()
-    samples: dict[Any, list[float]] = {key: [] for key in fns}
-    for _ in range(max(rounds, 1)):
-        for key, fn in fns.items():
-            _sync(device)
-            t0 = timer()
-            fn()
-            _sync(device)
-            samples[key].append(timer() - t0)
-            if progress is not None:
-                progress()
-    return samples
-
-
 def tree_nodes(top_k: int, num_depths: int) -> int:
     """Nodes the dynamic tree generates before the budget cut: k + (N - 1) k^2."""
     return top_k + (num_depths - 1) * top_k * top_k
@@ -213,7 +190,7 @@ def measure_draft_time(draft, top_ks: Sequence[int], context_length: int = 256, 
             cache.crop(-augment_tokens)
 
         steps[k] = step
-    timings = _interleaved_samples(steps, device, repeats, timer, progress)
+    timings = interleaved_samples(steps, device, repeats, timer, progress)
     if samples is not None:
         samples.update(timings)
     return {k: min(ts) for k, ts in timings.items()}

@@ -84,8 +84,8 @@ def main() -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="target dtype (default: float32 on CPU, bfloat16 on CUDA); the drafter runs in bf16")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--budget", type=int, help="tree budget (default: the tuned or configured one)")
-    p.add_argument("--top-k", type=int, help="tree top-k (default: the tuned or configured one)")
+    p.add_argument("--budget", type=int, help="fixed tree budget (default: the drafter's config; \"auto\" sizes trees per step)")
+    p.add_argument("--top-k", type=int, help="tree top-k (default: the drafter's config)")
     p.add_argument("--no-sync", action="store_true", help="do not synchronise CUDA at phase boundaries")
     p.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
     args = p.parse_args()
@@ -113,7 +113,7 @@ def main() -> None:
         (decoding, "_grow_tree"): "draft.grow_tree",
         (decoding, "lookup_continuation"): "draft.lookup",
         (decoding, "add_path"): "draft.lookup",
-        (decoding, "_target_mask_kwargs"): "verify.mask",
+        (decoding, "target_mask_kwargs"): "verify.mask",
         (decoding, "compact_cache"): "accept.compact",
     }
     originals = {key: getattr(*key) for key in wrapped}
@@ -121,27 +121,18 @@ def main() -> None:
         setattr(owner, name, clock.wrap(originals[(owner, name)], phase))
     target.forward = clock.wrap(target.forward, "verify.forward")
 
+    # --budget / --top-k set a fixed tree; unset, the drafter's own settings ("auto": sized per step)
+    if args.budget:
+        draft.config.tree_budget = args.budget
+    if args.top_k:
+        draft.config.tree_top_k = args.top_k
+
     def generate(tokens: int) -> Clover2Stats:
-        import clover2_hf.tune as tune
-
-        apply = tune.apply_tuned_settings
-
-        def settings(d, t):
-            apply(d, t)
-            if args.budget:
-                d.config.tree_budget = args.budget
-            if args.top_k:
-                d.config.tree_top_k = args.top_k
-
-        tune.apply_tuned_settings = settings
-        try:
-            stats = Clover2Stats()
-            with torch.no_grad():
-                target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
-                                assistant_model=draft, clover2_stats=stats, pad_token_id=0)
-            return stats
-        finally:
-            tune.apply_tuned_settings = apply
+        stats = Clover2Stats()
+        with torch.no_grad():
+            target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
+                            assistant_model=draft, clover2_stats=stats, pad_token_id=0)
+        return stats
 
     generate(8)  # warm-up
     clock.seconds.clear(), clock.calls.clear(), clock.syncs.clear()
@@ -154,8 +145,7 @@ def main() -> None:
         torch.cuda.set_sync_debug_mode("default")
     steps = stats.target_forwards
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), target "
-          f"{args.target} {str(dtype).split('.')[-1]}, tree budget {draft.config.tree_budget} / top-k "
-          f"{draft.config.tree_top_k}, {stats.new_tokens} tokens, {steps} target passes (tau {stats.new_tokens / steps:.2f}), "
+          f"{args.target} {str(dtype).split('.')[-1]}, {stats.tree_settings}, {stats.new_tokens} tokens, {steps} target passes (tau {stats.new_tokens / steps:.2f}), "
           f"mean tree {sum(stats.tree_sizes) / max(len(stats.tree_sizes), 1):.1f} nodes")
     print(f"{'phase':16s} {'ms/step':>8s} {'calls/step':>10s} {'syncs/step':>10s}")
     for phase in PHASES:

@@ -247,7 +247,7 @@ def test_cache_compaction_matches_linear_recomputation(arch):
     )
     from transformers import DynamicCache
 
-    from clover2_hf.decoding import _target_mask_kwargs
+    from clover2_hf.verification import target_mask_kwargs as _target_mask_kwargs
 
     cache = DynamicCache(config=target.config)
     cache.activate_past_recording()
@@ -443,7 +443,8 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
 
 
 def test_cpu_masked_gqa_keeps_outputs_sets_the_switch_only_inside_and_respects_the_user(monkeypatch):
-    from clover2_hf.decoding import _FORCE_GQA_ENV, _CpuMaskedGqa
+    from clover2_hf.verification import FORCE_GQA_ENV as _FORCE_GQA_ENV
+    from clover2_hf.verification import CpuMaskedGqa as _CpuMaskedGqa
 
     monkeypatch.delenv(_FORCE_GQA_ENV, raising=False)
     target, draft, prompts = trained_pair("llama")  # 4 query heads over 2 key/value heads
