@@ -65,7 +65,7 @@ class Clover2Config(PreTrainedConfig):
             Number of draft tokens (tree nodes, root excluded) verified per target forward pass. `"auto"`:
             `clover2 tune`'s stored choice for this target and device when there is one, else the tree is
             sized at every step from the device's measured verification costs and the drafter's own path
-            probabilities, down to a plain step when no tree pays (`clover2_hf.cost_model`). An integer
+            probabilities, down to a plain step when no tree pays (`clover2_hf.generation.cost_model`). An integer
             is used as it is (the paper's setting is 25).
         tree_top_k (`int` or `"auto"`, defaults to `"auto"`):
             Number of children considered per expanded node (the paper's setting is 10); `"auto"`: the

@@ -12,7 +12,7 @@ vocabulary, 60 ShareGPT conversations; docs/bench/measure_features.json): on-the
 tokens/s, building a bf16 store 1513 tokens/s (1157 bytes/token), training from the store 1625
 tokens/s, so break-even at 1.13 epochs. A CPU run covers less than one epoch; multi-epoch GPU recipes
 (the paper's 20 epochs) should build a store first. The target's full-vocabulary distributions are
-too large to store (V floats per position) and are recomputed from g = norm(h) in both designs. A precomputed store (`clover2_hf.features`, `clover2 features`,
+too large to store (V floats per position) and are recomputed from g = norm(h) in both designs. A precomputed store (`clover2_hf.tools.features`, `clover2 features`,
 `clover2 train --features DIR`) holds h only; batches carrying `hidden_states` skip the decoder.
 
 Loss (clover2_spec.md, "Training"): for depth i at position t (hidden state h_t, teacher token
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from .generation.capture import PreNormCapture
 from .modeling_clover2 import Clover2ForDrafting
 
 __all__ = ["TargetFeatures", "target_features", "precomputed_features", "distillation_loss", "Clover2Trainer"]
@@ -53,14 +54,9 @@ class TargetFeatures:
 @torch.no_grad()
 def target_features(target, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetFeatures:
     """Run the frozen target's decoder once (no lm_head) and capture h and g = norm(h)."""
-    decoder = target.get_decoder()
-    captured = {}
-    handle = decoder.norm.register_forward_hook(lambda module, args, output: captured.update(h=args[0], g=output))
-    try:
-        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        handle.remove()
-    return TargetFeatures(hidden=captured["h"], post_norm=captured["g"])
+    with PreNormCapture(target) as capture:
+        target.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return TargetFeatures(hidden=capture.hidden, post_norm=capture.post_norm)
 
 
 @torch.no_grad()
@@ -154,7 +150,7 @@ class Clover2Trainer(Trainer):
 
     Batches hold `input_ids`, `attention_mask` and `loss_mask` ([B, T]; see
     `clover2_hf.data.ConversationCollator`). Use `TrainingArguments(remove_unused_columns=False)`.
-    A batch that also holds precomputed `hidden_states` [B, T, H] (a `clover2_hf.features` store with
+    A batch that also holds precomputed `hidden_states` [B, T, H] (a `clover2_hf.tools.features` store with
     `FeatureCollator`) skips the target's decoder: only its final norm (labels g = norm(h)) and its
     lm_head (target distributions) run.
     Evaluation reports the loss and per-depth top-1 / top-5 accuracy (token-weighted means).
@@ -174,7 +170,7 @@ class Clover2Trainer(Trainer):
     def _loss_and_metrics(self, model, inputs):
         ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
-        if "hidden_states" in inputs:  # precomputed h (clover2_hf.features): only the target's norm runs
+        if "hidden_states" in inputs:  # precomputed h (clover2_hf.tools.features): only the target's norm runs
             features = precomputed_features(self.target, inputs["hidden_states"])
         else:
             features = target_features(self.target, ids.to(self.target.device), attention_mask)

@@ -7,7 +7,7 @@ Same options as `clover2 train --help`. Multi-GPU: `accelerate launch examples/t
 
 import sys
 
-from clover2_hf.cli import main
+from clover2_hf.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

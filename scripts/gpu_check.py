@@ -6,7 +6,7 @@ What it checks, each on tiny random targets built here (no downloads):
 1. greedy: `generate(assistant_model=draft)` in tree and chain mode against plain `generate()`, token
    for token, for every supported architecture in float32, bfloat16 and float16, 12 prompts each;
 2. sampling: tree mode with a seed reproduces plain sampling with the same seed (float32);
-3. training: `clover2_hf.recipes.train` on CUDA with `--bf16` (float32 master weights, autocast),
+3. training: `clover2_hf.tools.recipes.train` on CUDA with `--bf16` (float32 master weights, autocast),
    loss going down, checkpoint reloads with `AutoModel` and decodes identically;
 4. `device_map="auto"` loading of target and drafter, then identical greedy decoding;
 5. `accelerate launch --mixed_precision bf16` of examples/train_clover2.py on one GPU, and with
@@ -123,7 +123,7 @@ def _synthetic_examples(n: int, length: int = 48) -> list[dict]:
 
 @check("trainer_bf16_cuda")
 def trainer_bf16():
-    import clover2_hf.recipes as recipes
+    import clover2_hf.tools.recipes as recipes
     from transformers import AutoModel
 
     from clover2_hf.data import DataSummary, DistillationData
@@ -131,7 +131,9 @@ def trainer_bf16():
     target = make_tiny_target("llama", seed=1, peaked=True).to(DEVICE)
     examples = _synthetic_examples(40)
     summary = DataSummary(records=40, conversations=40, examples=40, train=36, eval=4)
-    recipes.load_target = lambda name, dtype=torch.float32: (target.to(dtype), None)
+    import clover2_hf.tools.targets as targets
+
+    targets.load_target = lambda name, dtype=torch.float32: (target.to(dtype), None)
     recipes.build_examples = lambda *a, **k: DistillationData(train=examples[:36], eval=examples[36:], summary=summary)
     collator = recipes.ConversationCollator(pad_token_id=0)
     recipes.ConversationCollator.from_tokenizer = staticmethod(lambda tokenizer: collator)
@@ -216,7 +218,7 @@ def accelerate_launch_fsdp():
 
 @check("bench_cuda")
 def bench():
-    from clover2_hf.bench import load_questions, run_benchmark
+    from clover2_hf.tools.bench import load_questions, run_benchmark
 
     tokenizer = byte_chat_tokenizer()
     target = make_tiny_target("llama", vocab_size=BYTE_VOCAB, peaked=True, eos_token_id=2).to(DEVICE)
@@ -234,7 +236,7 @@ def timing():
     """SmolLM2-135M's shape with random weights (the real weights cannot travel): per-phase costs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from clover2_hf.tune import measure_draft_time, measure_verify_time
+    from clover2_hf.tools.tune import measure_draft_time, measure_verify_time
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,

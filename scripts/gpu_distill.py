@@ -2,8 +2,8 @@
 
 How `hub_configs/clover2-smollm2-135m-instruct` stage 3 was made (see its model card): the embedded
 target (SmolLM2-135M-Instruct, bf16 on the GPU) answers the ShareGPT first user turns that earlier
-stages did not answer (`clover2_hf.selfdistill.generate_answers`), then the drafter continues from the
-shipped weights on all self-distilled answers (`clover2_hf.recipes.train`). Both steps are the same
+stages did not answer (`clover2_hf.tools.selfdistill.generate_answers`), then the drafter continues from the
+shipped weights on all self-distilled answers (`clover2_hf.tools.recipes.train`). Both steps are the same
 code that `clover2 self-distill` and `clover2 train --init-from` run; this script only chains them
 with one wall-clock budget and packs the results into files small enough to copy back.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from clover2_hf.recipes import TrainRecipe, load_target, train
-from clover2_hf.selfdistill import generate_answers
+from clover2_hf.tools.recipes import TrainRecipe, load_target, train
+from clover2_hf.tools.selfdistill import generate_answers
 
 HUB = Path(__file__).resolve().parent.parent / "hub_configs" / "clover2-smollm2-135m-instruct"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
-from clover2_hf.bench import encode_chat, load_questions
+from clover2_hf.tools.bench import encode_chat, load_questions
 from clover2_hf.training import target_features
 
 

@@ -35,7 +35,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from clover2_hf import Clover2ForDrafting
 from clover2_hf.data import ConversationCollator, token_frequencies
-from clover2_hf.features import FeatureCollator, FeatureDataset, build_feature_store
+from clover2_hf.tools.features import FeatureCollator, FeatureDataset, build_feature_store
 from clover2_hf.training import Clover2Trainer
 
 
@@ -61,7 +61,7 @@ def _tiny_target_and_examples(n: int, max_length: int, seed: int):
 
 def _real_target_and_examples(n: int, max_length: int, dtype: torch.dtype):
     from clover2_hf.data import build_examples
-    from clover2_hf.embedded import load_default_target
+    from clover2_hf.tools.embedded import load_default_target
 
     target, tokenizer = load_default_target(dtype=dtype)
     data = build_examples(tokenizer, max_length=max_length, max_conversations=n, eval_fraction=0.0)

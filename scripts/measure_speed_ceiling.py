@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-import clover2_hf.decoding as decoding
+import clover2_hf.generation.tree_step as decoding
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
-from clover2_hf.bench import encode_chat, load_questions
+from clover2_hf.tools.bench import encode_chat, load_questions
 
 
 class _Oracle:

@@ -23,10 +23,10 @@ import torch
 os.environ["CLOVER2_HF_TUNING"] = "0"  # fixed tree settings for both drafters
 
 from clover2_hf import Clover2ForDrafting  # noqa: E402
-from clover2_hf.bench import load_questions, run_benchmark  # noqa: E402
-from clover2_hf.embedded import load_default_target  # noqa: E402
-from clover2_hf.recipes import TrainRecipe, evaluate_drafter, train  # noqa: E402
-from clover2_hf.tune import measure_draft_time  # noqa: E402
+from clover2_hf.tools.bench import load_questions, run_benchmark  # noqa: E402
+from clover2_hf.tools.embedded import load_default_target  # noqa: E402
+from clover2_hf.tools.recipes import TrainRecipe, evaluate_drafter, train  # noqa: E402
+from clover2_hf.tools.tune import measure_draft_time  # noqa: E402
 
 
 def main() -> None:

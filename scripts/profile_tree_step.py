@@ -6,7 +6,7 @@ script runs tree decoding once and times each phase of every step by wrapping th
 calls (nothing in the package is changed):
 
   draft.augment      the augmenting block over the newly verified positions
-  draft.grow_tree    head depths + tree build (`decoding._grow_tree`)
+  draft.grow_tree    head depths + tree build (`decoding.grow_tree`)
   draft.lookup       the prompt-lookup search and its merge into the tree
   verify.mask        the tree attention mask
   verify.forward     the target's forward passes (prefill included: 1 of the passes)
@@ -33,7 +33,7 @@ import warnings
 import torch
 from transformers import AutoModelForCausalLM
 
-import clover2_hf.decoding as decoding
+import clover2_hf.generation.tree_step as decoding
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
 
 PHASES = ("draft.augment", "draft.grow_tree", "draft.lookup", "verify.mask", "verify.forward", "accept.compact")

@@ -16,8 +16,8 @@ from conftest import make_tiny_target
 from drafters import train_on_own_outputs
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats
-from clover2_hf import cost_model
-from clover2_hf.cost_model import DeviceCosts, TreeSizer, auto_tree_settings, device_costs
+from clover2_hf.generation import cost_model
+from clover2_hf.generation.cost_model import DeviceCosts, TreeSizer, auto_tree_settings, device_costs
 from clover2_hf.tree import DraftTree, add_path, root_only, select_nodes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -285,7 +285,7 @@ def test_trees_grow_one_depth_beyond_what_was_last_kept():
 
 
 def test_timings_ignore_the_kernel_override_and_record_what_ran(monkeypatch):
-    from clover2_hf.verification import CpuVerifyLinears
+    from clover2_hf.generation.cpu_kernels import CpuVerifyLinears
 
     target = make_tiny_target("llama")
     monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "1")

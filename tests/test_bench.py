@@ -1,4 +1,4 @@
-"""clover2_hf.bench: question files, a complete benchmark on tiny random models, summary arithmetic, CLI."""
+"""clover2_hf.tools.bench: question files, a complete benchmark on tiny random models, summary arithmetic, CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from conftest import BYTE_VOCAB as VOCAB
 from conftest import byte_chat_tokenizer, make_tiny_target
 
 from clover2_hf import Clover2ForDrafting
-from clover2_hf import bench
-from clover2_hf.bench import (
+from clover2_hf.tools import bench
+from clover2_hf.tools.bench import (
     BASELINE,
     METHODS,
     Question,
@@ -22,7 +22,7 @@ from clover2_hf.bench import (
     run_benchmark,
     summarize,
 )
-from clover2_hf.cli import main
+from clover2_hf.tools.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,7 +243,7 @@ def test_cli_bench_writes_results(models, tmp_path, capsys):
 
 
 def test_per_category_keeps_the_first_questions_of_each_category():
-    from clover2_hf.bench import load_questions
+    from clover2_hf.tools.bench import load_questions
 
     questions = load_questions(per_category=2)
     categories = [q.category for q in questions]

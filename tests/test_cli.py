@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from clover2_hf import cli
-from clover2_hf.cli import main
+from clover2_hf.tools import cli
+from clover2_hf.tools.cli import main
 
 COMMANDS = ("train", "self-distill", "evaluate", "features", "bench", "tune", "demo")
 REQUIRED = {  # the minimal arguments each subcommand needs to get past argparse
@@ -124,7 +124,7 @@ def test_invalid_hub_id_is_one_line(capsys, tmp_path):
 def test_unreachable_hub_id_is_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for argv in (["bench", "--target", "no-such-org/no-such-model"], ["demo", "--draft", "no-such-org/no-such-model"]):
-        proc = subprocess.run([sys.executable, "-m", "clover2_hf.cli", *argv], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "clover2_hf.tools.cli", *argv], capture_output=True, text=True,
                               env=env, cwd=tmp_path, timeout=120)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
@@ -196,7 +196,7 @@ class _Stop(Exception):
 def test_bench_default_is_a_small_subset(monkeypatch, capsys, extra, count, hint):
     import torch
 
-    import clover2_hf.bench as bench
+    import clover2_hf.tools.bench as bench
 
     class Target:
         dtype, device = torch.float32, torch.device("cpu")

@@ -62,7 +62,7 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     try:
-        from clover2_hf.embedded import default_target_path, verify_default_target
+        from clover2_hf.tools.embedded import default_target_path, verify_default_target
 
         if verify_default_target(full=False):
             return AutoTokenizer.from_pretrained(default_target_path())

@@ -15,7 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats
-from clover2_hf.decoding import lookup_continuation
+from clover2_hf.generation.tree_step import lookup_continuation
 from clover2_hf.tree import DraftTree, add_path, compact_cache, tree_attention_mask
 
 MODES = ("tree", "chain")
@@ -247,7 +247,7 @@ def test_cache_compaction_matches_linear_recomputation(arch):
     )
     from transformers import DynamicCache
 
-    from clover2_hf.verification import target_mask_kwargs as _target_mask_kwargs
+    from clover2_hf.generation.cpu_kernels import target_mask_kwargs as _target_mask_kwargs
 
     cache = DynamicCache(config=target.config)
     cache.activate_past_recording()
@@ -407,8 +407,8 @@ def test_bf16_drafter_of_a_float32_target_is_lossless(mode):
 
 
 def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypatch):
-    from clover2_hf.verification import CpuVerifyLinears as _CpuVerifyLinears
-    from clover2_hf.verification import wide_linear_forward as _wide_linear_forward
+    from clover2_hf.generation.cpu_kernels import CpuVerifyLinears as _CpuVerifyLinears
+    from clover2_hf.generation.cpu_kernels import wide_linear_forward as _wide_linear_forward
 
     layer = torch.nn.Linear(24, 40)
     for q in (1, 2, 5, 17):
@@ -421,7 +421,7 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
     monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "1")  # forced on (by default only where calibration measured it faster)
     seen = []
     monkeypatch.setattr(
-        "clover2_hf.verification.wide_linear_forward",
+        "clover2_hf.generation.cpu_kernels.wide_linear_forward",
         lambda self, x: seen.append(x.shape[-2]) or torch.nn.functional.linear(x, self.weight, self.bias),
     )
     expected, got, _ = _generate_both(target, draft, "tree", prompts[:1], max_new_tokens=12)
@@ -443,8 +443,8 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
 
 
 def test_cpu_masked_gqa_keeps_outputs_sets_the_switch_only_inside_and_respects_the_user(monkeypatch):
-    from clover2_hf.verification import FORCE_GQA_ENV as _FORCE_GQA_ENV
-    from clover2_hf.verification import CpuMaskedGqa as _CpuMaskedGqa
+    from clover2_hf.generation.cpu_kernels import FORCE_GQA_ENV as _FORCE_GQA_ENV
+    from clover2_hf.generation.cpu_kernels import CpuMaskedGqa as _CpuMaskedGqa
 
     monkeypatch.delenv(_FORCE_GQA_ENV, raising=False)
     target, draft, prompts = trained_pair("llama")  # 4 query heads over 2 key/value heads

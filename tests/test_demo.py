@@ -1,4 +1,4 @@
-"""clover2_hf.demo: accepted-draft marking in the streamer, and `clover2 demo` end to end on SmolLM2."""
+"""clover2_hf.tools.demo: accepted-draft marking in the streamer, and `clover2 demo` end to end on SmolLM2."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from conftest import byte_chat_tokenizer, make_tiny_target
 from drafters import train_on_own_outputs
 
 from clover2_hf import Clover2Stats
-from clover2_hf.cli import _shipped_drafter, main
-from clover2_hf.demo import DraftHighlightStreamer, labels_from_stats
+from clover2_hf.tools.cli import _shipped_drafter, main
+from clover2_hf.tools.demo import DraftHighlightStreamer, labels_from_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests for clover2_hf.embedded (the SmolLM2-135M-Instruct default target).
+"""Tests for clover2_hf.tools.embedded (the SmolLM2-135M-Instruct default target).
 
 One conversion into a temporary cache is shared by the whole module; only the
 corrupt-cache test converts a second time.  Expect about 1 minute on 2 CPU cores.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clover2_hf import embedded
+from clover2_hf.tools import embedded
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_NEW_TOKENS = 16

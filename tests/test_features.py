@@ -11,10 +11,10 @@ from conftest import make_tiny_target
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
-import clover2_hf.features as features_module
+import clover2_hf.tools.features as features_module
 from clover2_hf import Clover2ForDrafting
 from clover2_hf.data import ConversationCollator, DataSummary, DistillationData
-from clover2_hf.features import (
+from clover2_hf.tools.features import (
     FeatureCollator,
     FeatureDataset,
     FeatureRecipe,
@@ -231,13 +231,13 @@ def test_trainer_from_fp32_store_matches_on_the_fly(tmp_path):
 def test_features_recipe_and_train_from_store(tmp_path, monkeypatch):
     """`clover2 features` then `clover2 train --features` with a tiny target (loader and data stubbed)."""
     import clover2_hf.data as data_module
-    import clover2_hf.recipes as recipes_module
-    from clover2_hf.cli import main
+    import clover2_hf.tools.targets as targets_module
+    from clover2_hf.tools.cli import main
 
     target = make_tiny_target("llama")
     tokenizer = SimpleNamespace(pad_token_id=0)
     examples = _examples(12)
-    monkeypatch.setattr(recipes_module, "load_target", lambda name, dtype=torch.float32: (target.to(dtype), tokenizer))
+    monkeypatch.setattr(targets_module, "load_target", lambda name, dtype=torch.float32: (target.to(dtype), tokenizer))
     summary = DataSummary(records=12, conversations=12, examples=12, train=10, eval=2)
     monkeypatch.setattr(data_module, "build_examples",
                         lambda *a, **k: DistillationData(train=examples[:10], eval=examples[10:], summary=summary))
@@ -247,7 +247,7 @@ def test_features_recipe_and_train_from_store(tmp_path, monkeypatch):
     data = open_feature_data(tmp_path / "feats", target)
     assert len(data.train) == 10 and len(data.eval) == 2 and data.summary.records == 12
 
-    from clover2_hf.recipes import TrainRecipe, train
+    from clover2_hf.tools.recipes import TrainRecipe, train
 
     draft = train(TrainRecipe(output_dir=str(tmp_path / "run"), features=str(tmp_path / "feats"), max_steps=2,
                               batch_size=2, grad_accum=1, warmup_steps=0, logging_steps=1, eval_steps=100,

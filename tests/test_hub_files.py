@@ -18,12 +18,12 @@ import torch
 from conftest import make_tiny_target
 
 from clover2_hf import Clover2ForDrafting
-from clover2_hf import hub_files
+from clover2_hf.hub import code_files as hub_files
 from clover2_hf.modeling_clover2 import NEEDS_PACKAGE_MESSAGE
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "hub_configs" / "clover2-smollm2-135m-instruct"
-REFRESH = f"python -m clover2_hf.hub_files {SHIPPED.relative_to(REPO)}"
+REFRESH = f"python -m clover2_hf.hub {SHIPPED.relative_to(REPO)}"
 
 
 def test_shipped_folder_carries_current_code_files():
@@ -37,60 +37,62 @@ def test_code_file_set():
     root = {p for p in files if "/" not in p}
     custom = {p.split("/", 1)[1] for p in files if p.startswith("custom_generate/")}
     assert root >= {"configuration_clover2.py", "modeling_clover2.py"}
-    assert custom >= {"generate.py", "decoding.py", "tree.py", "modeling_clover2.py", "configuration_clover2.py"}
-    assert not {f"{m}.py" for m in hub_files.TOOL_MODULES} & (root | custom)
-    assert files["custom_generate/generate.py"] == (REPO / "clover2_hf" / "remote_generate.py").read_text()
+    assert custom >= {"generate.py", "tree_step.py", "tree.py", "modeling_clover2.py", "configuration_clover2.py"}
+    package_files = {p.name for p in (REPO / "clover2_hf").rglob("*.py")}
+    tool_files = {p.name for p in (REPO / "clover2_hf" / "tools").glob("*.py")} | {"training.py", "data.py", "code_files.py"}
+    assert (root | custom) - {"generate.py"} <= package_files and not tool_files & (root | custom)
+    generate = files["custom_generate/generate.py"]
+    original = (REPO / "clover2_hf" / "hub" / "remote_generate.py").read_text()
+    assert generate == original.replace("from ..generation.", "from .")  # only the imports are flattened
+    assert all("from .." not in text for text in files.values())
 
 
 def _fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
     pkg = tmp_path / "pkg"
-    pkg.mkdir()
     for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(textwrap.dedent(text))
     return pkg
 
 
-def test_module_level_tool_import_fails_loudly(tmp_path):
+def test_subpackage_imports_are_flattened(tmp_path):
     pkg = _fake_package(tmp_path, {
-        "decoding.py": "from .helpers import x\n",
-        "helpers.py": "from .bench import y\nx = 1\n",
-        "bench.py": "y = 2\n",
+        "hub/entry.py": "from ..generation.loop import run\n",
+        "generation/__init__.py": "",
+        "generation/loop.py": "from ..tree import build  # the tree\nfrom .stats import (\n    Stats,\n)\nrun = 1\n",
+        "generation/stats.py": "Stats = 1\n",
+        "tree.py": "build = 2\n",
     })
-    with pytest.raises(hub_files.ToolModuleImportError, match=r"helpers\.py line 1 imports the tool module\(s\) bench"):
-        hub_files.module_closure(["decoding"], pkg)
+    texts = hub_files.module_closure(["hub.entry"], pkg)
+    assert set(texts) == {"hub.entry", "generation.loop", "generation.stats", "tree"}
+    assert texts["hub.entry"] == "from .loop import run\n"
+    assert texts["generation.loop"] == "from .tree import build  # the tree\nfrom .stats import (\n    Stats,\n)\nrun = 1\n"
 
 
-def test_function_local_tool_import_is_rewritten(tmp_path):
+@pytest.mark.parametrize("where", ["module", "function"])
+def test_tool_import_fails_loudly(tmp_path, where):
+    statement = ("from ..tools.bench import y\n" if where == "module"
+                 else "def f():\n    from ..tools.bench import y\n    return y\n")
     pkg = _fake_package(tmp_path, {
-        "decoding.py": '''
-            from .helpers import x
-
-
-            def uses_tune(a):
-                from .tune import apply_tuned_settings, other as renamed  # local import: tune imports this module
-
-                return apply_tuned_settings(a), renamed
-            ''',
-        "helpers.py": "x = 1\n",
-        "tune.py": "def apply_tuned_settings(a):\n    return a\nother = 3\n",
+        "generation/loop.py": "from .helpers import x\n",
+        "generation/helpers.py": statement + "x = 1\n",
+        "tools/bench.py": "y = 2\n",
     })
-    texts = hub_files.module_closure(["decoding"], pkg)
-    assert set(texts) == {"decoding", "helpers"}
-    text = texts["decoding"]
-    assert "from .tune" not in text
-    assert ("    apply_tuned_settings, renamed, = _clover2_hf_package_import('tune', ('apply_tuned_settings', "
-            "'other',))  # local import: tune imports this module") in text
-    namespace = {}
-    exec(compile(text.replace("from .helpers import x", "x = 1"), "decoding.py", "exec"), namespace)
-    with pytest.raises(ImportError, match="pip install clover2-hf"):  # clover2_hf.tune does not exist
-        namespace["_clover2_hf_package_import"]("no_such_module", ("a",))
-    assert namespace["_clover2_hf_package_import"]("cli", ("main",))[0].__module__ == "clover2_hf.cli"
+    with pytest.raises(hub_files.ToolModuleImportError, match=r"helpers\.py line \d imports the tool module tools\.bench"):
+        hub_files.module_closure(["generation.loop"], pkg)
 
 
 def test_unsupported_relative_import_forms(tmp_path):
-    pkg = _fake_package(tmp_path, {"decoding.py": "from . import tree\n", "tree.py": ""})
+    pkg = _fake_package(tmp_path, {"loop.py": "from . import tree\n", "tree.py": ""})
     with pytest.raises(ValueError, match="not `from . import module`"):
-        hub_files.module_closure(["decoding"], pkg)
+        hub_files.module_closure(["loop"], pkg)
+    pkg = _fake_package(tmp_path / "b", {"loop.py": "from .generation import run\n", "generation/__init__.py": ""})
+    with pytest.raises(ValueError, match="not from the package 'generation'"):
+        hub_files.module_closure(["loop"], pkg)
+    pkg = _fake_package(tmp_path / "c", {"loop.py": "from .a.tree import x\nfrom .b.tree import y\n",
+                                         "a/tree.py": "x = 1\n", "b/tree.py": "y = 1\n"})
+    with pytest.raises(ValueError, match="share a file name"):
+        hub_files.module_closure(["loop"], pkg)
 
 
 def test_write_removes_stale_and_check_reports(tmp_path):
@@ -187,7 +189,7 @@ def test_saved_drafter_decodes_without_the_package(tmp_path, one_thread, source)
 def test_remote_generate_in_package_matches_package_hook(one_thread):
     """The custom_generate entry, run from the package itself, gives the package hook's output and stats."""
     from clover2_hf import Clover2Stats
-    from clover2_hf.remote_generate import generate as remote_generate
+    from clover2_hf.hub.remote_generate import generate as remote_generate
 
     target = make_tiny_target("llama", peaked=True)
     draft = Clover2ForDrafting.from_target(target, tree_budget=6, tree_top_k=3)
@@ -246,7 +248,7 @@ def _fresh_venv(root: Path) -> Path:
 def test_fresh_virtualenv_decodes_with_shipped_drafter(tmp_path):
     """Only torch + transformers + safetensors installed: the shipped drafter loads with trust_remote_code=True and
     generate(custom_generate=<its folder>) is token for token plain greedy decoding of SmolLM2-135M-Instruct."""
-    from clover2_hf.embedded import default_target_path
+    from clover2_hf.tools.embedded import default_target_path
 
     target_dir = default_target_path()  # the converted SmolLM2 checkpoint + tokenizer (one-time conversion)
     started = time.perf_counter()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from clover2_hf.embedded import default_target_path
+from clover2_hf.tools.embedded import default_target_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -214,7 +214,7 @@ def test_head_runs_in_the_lower_precision_of_drafter_and_target():
 
 
 def test_default_draft_dtype(monkeypatch):
-    import clover2_hf.tune as tune
+    import clover2_hf.tools.tune as tune
 
     monkeypatch.setattr(tune, "cpu_has_bf16_matmul", lambda: True)
     assert tune.default_draft_dtype("cpu", torch.float32) == torch.bfloat16

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
-from clover2_hf.bench import load_questions
+from clover2_hf.tools.bench import load_questions
 
 pytestmark = pytest.mark.slow  # the real SmolLM2-135M target: minutes on a CPU
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import BYTE_VOCAB, byte_chat_tokenizer, make_tiny_target
 
-from clover2_hf.data import DataSummary, DistillationData, build_examples, load_conversations, split_of
-from clover2_hf.selfdistill import generate_answers
+from clover2_hf.data import DataSummary, DistillationData, load_conversations, split_of
+from clover2_hf.tools.selfdistill import generate_answers
 
 
 def _chats(n: int) -> list[dict]:
@@ -70,7 +70,7 @@ def test_resume_skips_answered_ids_and_drops_a_torn_line(target_and_tokenizer, t
 
 
 def test_resume_reads_answers_holding_unicode_line_separators(target_and_tokenizer, tmp_path):
-    from clover2_hf.selfdistill import _done_ids
+    from clover2_hf.tools.selfdistill import _done_ids
 
     out = tmp_path / "answers.jsonl"
     record = {"id": "u1", "conversations": [{"from": "human", "value": "q"},
@@ -90,12 +90,13 @@ def test_long_prompts_are_skipped_and_counted(target_and_tokenizer, tmp_path, on
 
 
 def _stub_training(monkeypatch, target):
-    import clover2_hf.recipes as recipes_module
+    import clover2_hf.tools.recipes as recipes_module
+    import clover2_hf.tools.targets as targets_module
 
     tokenizer = SimpleNamespace(pad_token_id=0)
     examples = [{"id": f"e{i}", "input_ids": [(7 * i + j) % 150 + 3 for j in range(24)], "loss_mask": [0] * 8 + [1] * 16}
                 for i in range(10)]
-    monkeypatch.setattr(recipes_module, "load_target", lambda name, dtype=torch.float32: (target.to(dtype), tokenizer))
+    monkeypatch.setattr(targets_module, "load_target", lambda name, dtype=torch.float32: (target.to(dtype), tokenizer))
     summary = DataSummary(records=10, conversations=10, examples=10, train=8, eval=2)
     monkeypatch.setattr(recipes_module, "build_examples",
                         lambda *a, **k: DistillationData(train=examples[:8], eval=examples[8:], summary=summary))
@@ -103,7 +104,7 @@ def _stub_training(monkeypatch, target):
 
 def test_bf16_training_keeps_float32_master_weights_and_init_from_continues(tmp_path, monkeypatch):
     from clover2_hf.modeling_clover2 import Clover2ForDrafting
-    from clover2_hf.recipes import TrainRecipe, train
+    from clover2_hf.tools.recipes import TrainRecipe, train
 
     target = make_tiny_target("llama")
     _stub_training(monkeypatch, target)
@@ -132,10 +133,10 @@ def test_bf16_training_keeps_float32_master_weights_and_init_from_continues(tmp_
 
 
 def test_clover2_evaluate_scores_the_held_out_split(tmp_path, monkeypatch, capsys):
-    from clover2_hf.recipes import evaluate_drafter
+    from clover2_hf.tools.recipes import evaluate_drafter
 
-    from clover2_hf.cli import main
-    from clover2_hf.recipes import TrainRecipe, train
+    from clover2_hf.tools.cli import main
+    from clover2_hf.tools.recipes import TrainRecipe, train
 
     target = make_tiny_target("llama")
     _stub_training(monkeypatch, target)

@@ -1,4 +1,4 @@
-"""clover2_hf.tune: the choice under synthetic cost curves, the acceptance replay, storage and application."""
+"""clover2_hf.tools.tune: the choice under synthetic cost curves, the acceptance replay, storage and application."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from conftest import make_tiny_target
 from drafters import train_on_own_outputs
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats
-from clover2_hf import tune as tune_module
-from clover2_hf.cost_model import auto_tree_settings
-from clover2_hf.tune import (
+from clover2_hf.tools import tune as tune_module
+from clover2_hf.generation.cost_model import auto_tree_settings
+from clover2_hf.tools.tune import (
     choose_tree_settings,
     load_tuned_settings,
     measure_tokens_per_step,

@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicCache
 
 from ._files import cache_root, write_json_atomic
 from .tree import DraftTree
-from .verification import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
+from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -549,7 +549,7 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
     ):
         """`PreTrainedModel.save_pretrained` (safetensors only) plus the code files and a model card.
 
-        The code files (`clover2_hf.hub_files`) let the folder load with `trust_remote_code=True` and decode with
+        The code files (`clover2_hf.hub.code_files`) let the folder load with `trust_remote_code=True` and decode with
         `generate(custom_generate=<folder or repo>, trust_remote_code=True)` without the package. The card is
         (re)written when none exists yet or when `training_command` / `extra_text` is given.
         """
@@ -557,12 +557,12 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
             raise ValueError("Clover-2 checkpoints are saved as safetensors only")
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            try:  # not a relative import: this file is itself shipped, and hub_files is not
-                hub_files = importlib.import_module("clover2_hf.hub_files")
+            try:  # not a relative import: this file is itself shipped, and the hub package is not
+                hub_files = importlib.import_module("clover2_hf.hub.code_files")
             except ModuleNotFoundError:  # a drafter loaded with trust_remote_code, saved without the package
                 logger.warning(
                     "clover2-hf is not installed: %s gets the model code files but not custom_generate/ "
-                    "(pip install clover2-hf, then `python -m clover2_hf.hub_files %s`)", save_directory, save_directory
+                    "(pip install clover2-hf, then `python -m clover2_hf.hub %s`)", save_directory, save_directory
                 )
             else:
                 hub_files.write_code_files(save_directory)

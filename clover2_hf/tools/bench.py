@@ -49,8 +49,8 @@ from typing import Any
 
 import torch
 
-from .cost_model import auto_tree_settings, sync_device
-from .decoding import Clover2Stats
+from ..generation.cost_model import auto_tree_settings, sync_device
+from ..generation.stats import Clover2Stats
 
 logger = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ._files import CACHE_ENV_VAR, cache_root, write_json_atomic
+from .._files import CACHE_ENV_VAR, cache_root, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

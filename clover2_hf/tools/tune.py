@@ -39,7 +39,7 @@ comes on top.
 The choice is stored per (target, dtype, device) in ``<cache root>/tuning.json`` (cache root:
 ``$CLOVER2_HF_CACHE``, else ``$XDG_CACHE_HOME/clover2_hf``, else ``~/.cache/clover2_hf``), together
 with the measured verification costs. `generate` reads it only for tree settings that are ``"auto"``
-(`clover2_hf.cost_model.auto_tree_settings`); a drafter's config is never changed. `tune` does not store
+(`clover2_hf.generation.cost_model.auto_tree_settings`); a drafter's config is never changed. `tune` does not store
 a choice from noisy timings or one predicted slower than plain decoding (see `tune`).
 """
 
@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from .cost_model import (
+from ..generation.cost_model import (
     TUNING_DISABLE_ENV_VAR,
     device_key,
     entry_key,
@@ -67,14 +67,14 @@ from .cost_model import (
     device_costs,
     measure_verify_time,
     read_entries,
-    sync_device,
     timing_spread,
     target_key,
     tuning_file,
     write_entries,
 )
-from .decoding import _grow_tree, _PreNormCapture
-from .tree import DraftTree
+from ..generation.capture import PreNormCapture
+from ..generation.tree_step import grow_tree
+from ..tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def measure_draft_time(draft, top_ks: Sequence[int], context_length: int = 256, 
 
         def step(k=k, budget=nodes) -> None:
             augmented = draft.augment(states, ids, cache=cache)
-            _grow_tree(draft, int(ids[0, -1]), augmented[0, -1], k, budget)
+            grow_tree(draft, int(ids[0, -1]), augmented[0, -1], k, budget)
             cache.crop(-augment_tokens)
 
         steps[k] = step
@@ -229,7 +229,7 @@ def measure_tokens_per_step(target, draft, prompts: Sequence[torch.Tensor], budg
         P, L = prompt.shape[1], seq.shape[1]
         if L - P < 2:
             continue  # nothing to draft after the first new token
-        capture = _PreNormCapture(target)
+        capture = PreNormCapture(target)
         try:
             target(input_ids=seq)
             hidden = capture.hidden  # [1, L, H] pre-norm states
@@ -242,7 +242,7 @@ def measure_tokens_per_step(target, draft, prompts: Sequence[torch.Tensor], budg
         paths: dict[int, list[list[int]]] = {k: [] for k in top_ks}
         for r in range(P, L - 1):
             for k in top_ks:
-                tree = _grow_tree(draft, tokens[r], augmented[r - 1], k, tree_nodes(k, draft.config.num_draft_depths))
+                tree = grow_tree(draft, tokens[r], augmented[r - 1], k, tree_nodes(k, draft.config.num_draft_depths))
                 ranks, children = _selection_ranks(tree), tree.children()
                 node, matched = 0, []
                 for nxt in tokens[r + 1:]:
@@ -406,7 +406,7 @@ def tune(
         tokens_per_step_fn, draft_time_fn, verify_time_fn: replace a measured part of the cost model
             (tests, or a model of another device); signatures as in `choose_tree_settings`.
         save: store the choice in the tuning file for (target, dtype, device).
-        cache_dir: cache root of the tuning file (default: see `clover2_hf.cost_model.tuning_file`).
+        cache_dir: cache root of the tuning file (default: see `clover2_hf.generation.cost_model.tuning_file`).
         timer: clock in seconds for the timings (injectable for tests).
         progress: show a progress bar (with ETA) over calibration prompts and timed passes.
     """

@@ -1,23 +1,15 @@
-"""Lossless Clover-2 decoding inside `model.generate`.
+"""Clover-2 tree decoding: the loop `generate(assistant_model=<Clover2ForDrafting>)` runs in tree mode.
 
-After `import clover2_hf`, `target.generate(**inputs, assistant_model=draft)` with a
-[`Clover2ForDrafting`] runs Clover-2 decoding; any other assistant, or none, goes to stock
-transformers untouched. Two modes, chosen by `draft.config.decoding`:
-
-* ``"tree"`` (default, the paper's method): each step the drafter grows a dynamic token tree
-  (`clover2_hf.tree.build_tree`), the target verifies all of it in ONE forward pass with an additive
-  4D tree mask and positions = context length + depth, the longest accepted path plus the target's
-  own next ("bonus") token is emitted, the target KV cache is compacted to the accepted path, and the
-  accepted tokens' pre-norm hidden states are fed into the drafter's augmenting-block cache. Our
-  addition (not in the paper): when the context's last `tree_lookup_ngram`..2 tokens occurred earlier,
-  the tokens that followed them (`lookup_continuation`, up to `tree_lookup_tokens`) are merged into the
-  tree as one more path (`clover2_hf.tree.add_path`); it is verified like any drafted path, so it
-  changes only how many tokens a step may accept, never which. It runs
-  as a `generate(custom_generate=...)` callable, so transformers still prepares the generation
-  config, logits processors, stopping criteria and cache exactly as for plain decoding.
-* ``"chain"``: a `CandidateGenerator` drafting the top-1 chain (or, when sampling, a chain sampled
-  from the drafter's processed distribution, with its logits returned so transformers' speculative
-  sampling accepts it losslessly) inside transformers' own `_assisted_decoding`.
+Each step the drafter grows a dynamic token tree (`clover2_hf.tree.build_tree`), the target verifies
+all of it in ONE forward pass with an additive 4D tree mask and positions = context length + depth,
+the longest accepted path plus the target's own next ("bonus") token is emitted, the target KV cache is
+compacted to the accepted path, and the accepted tokens' pre-norm hidden states are fed into the
+drafter's augmenting-block cache. Our addition (not in the paper): when the context's last
+`tree_lookup_ngram`..2 tokens occurred earlier, the tokens that followed them (`lookup_continuation`,
+up to `tree_lookup_tokens`) are merged into the tree as one more path (`clover2_hf.tree.add_path`); it
+is verified like any drafted path, so it changes only how many tokens a step may accept, never which.
+How much of the tree is verified is decided per step by `TreeSizer` when the tree settings are "auto"
+(`cost_model`). The loop is a `generate(custom_generate=...)` callable (routing.py hands it over).
 
 Acceptance, per emitted token, is exactly what plain decoding would do:
 * greedy: follow the child whose token equals the target's (processed) argmax at each node;
@@ -31,104 +23,60 @@ Acceptance, per emitted token, is exactly what plain decoding would do:
   deterministic this is also the best possible acceptance for the given children.
 * stopping criteria (max length, eos ids, user criteria) are checked after EVERY emitted token, so
   eos inside an accepted path or `max_new_tokens` landing mid-path stop exactly where plain
-  decoding stops (tree mode). In chain mode transformers crops accepted blocks at eos and max length
-  only; other stopping criteria are evaluated per block, as in stock assisted decoding.
+  decoding stops.
 
-The only contact with transformers' private API is `_install_generate_hook` (it wraps
-`GenerationMixin.generate`) and the chain generator's use of `_get_candidate_generator`,
-`requires_model_outputs` and `get_candidates(..., n_last_matches=)`; both are exercised by the tests
-for the pinned transformers range (see pyproject.toml).
+Relies on transformers' `custom_generate` callable contract (called with the prepared
+`logits_processor`, `stopping_criteria`, `generation_config` and the model kwargs holding `cache`) and
+on `DynamicCache` layers that `compact_cache` can cut (tests/test_decoding.py's identity tests over six
+architectures fail if either changes).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
-from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
-from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .modeling_clover2 import Clover2ForDrafting
-from .cost_model import TreeSizer, auto_tree_settings, sync_device
 from .tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_cache, root_only, select_nodes
-from .verification import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
+from .capture import PreNormCapture
+from .cost_model import TreeSizer, auto_tree_settings, sync_device
+from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
+from .stats import Clover2Stats
 
-__all__ = ["Clover2Stats", "Clover2ChainCandidateGenerator", "clover2_tree_decode"]
-
-
-@dataclass
-class Clover2Stats:
-    """Per-call statistics of a Clover-2 `generate` call (pass one as `clover2_stats=`).
-
-    Times are wall-clock seconds measured on the host (CUDA is synchronised around each phase).
-    """
-
-    mode: str = ""
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    target_forwards: int = 0  # including the prefill pass
-    tokens_per_step: list[int] = field(default_factory=list)  # tokens emitted by each verification pass
-    accepted_depths: list[int] = field(default_factory=list)  # accepted draft tokens per pass
-    tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per pass
-    branch_switches: int = 0  # accepted nodes that were not their parent's most likely child
-    stopped_in_path: int = 0  # stopping criteria fired on an accepted draft token
-    plain_steps: int = 0  # verification passes over the root token alone (tree mode, automatic sizing)
-    tree_settings: str = ""  # the tree settings used and where they came from (tree mode)
-    draft_time_s: float = 0.0
-    verify_time_s: float = 0.0
-    total_time_s: float = 0.0
-
-    @property
-    def tau(self) -> float:
-        """Mean tokens emitted per verification pass (accepted drafts + the bonus token)."""
-        return sum(self.tokens_per_step) / max(len(self.tokens_per_step), 1)
-
-    @property
-    def target_passes_per_token(self) -> float:
-        return self.target_forwards / max(self.new_tokens, 1)
-
-    @property
-    def draft_share(self) -> float:
-        """Fraction of the call's wall time spent drafting."""
-        return self.draft_time_s / self.total_time_s if self.total_time_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out.update(tau=self.tau, target_passes_per_token=self.target_passes_per_token, draft_share=self.draft_share)
-        return out
+__all__ = ["check_generate_arguments", "check_supported", "choose_token", "clover2_tree_decode", "depth0_logprobs", "grow_tree",
+           "lookup_continuation"]
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-class _PreNormCapture:
-    """Records the input of the target's final norm (the pre-norm last hidden states h_t)."""
-
-    def __init__(self, target) -> None:
-        decoder = target.get_decoder()
-        norm = getattr(decoder, "norm", None)
-        if norm is None:
-            raise ValueError(f"{type(target).__name__}: cannot find the final norm `get_decoder().norm`")
-        self.hidden: torch.Tensor | None = None
-        self._handle = norm.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output) -> None:
-        self.hidden = args[0]
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 def _draft_logprobs(draft: Clover2ForDrafting, head_states: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(draft.head_logits(head_states).float(), dim=-1)
 
 
-def _check_supported(target, input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> None:
+def check_generate_arguments(arguments: dict) -> None:
+    """Clear errors, before any work, for `generate()` arguments Clover-2 decoding does not support.
+
+    `arguments`: the keyword arguments of `generate` (inputs / input_ids, num_beams, ...). The generation
+    config transformers prepares later is checked again by the tree loop (`check_supported`).
+    """
+    inputs = arguments.get("inputs")
+    if inputs is None:
+        inputs = arguments.get("input_ids")
+    if inputs is not None and inputs.dim() == 2 and inputs.shape[0] != 1:
+        raise ValueError(f"Clover-2 decoding supports batch size 1 only, got a batch of {inputs.shape[0]}.")
+    if inputs is not None and inputs.shape[-1] == 0:
+        raise ValueError("Clover-2 decoding needs a non-empty prompt (input_ids has length 0).")
+    for unsupported in ("num_beams", "num_return_sequences"):
+        if (arguments.get(unsupported) or 1) != 1:
+            raise ValueError(f"Clover-2 decoding does not support {unsupported} > 1.")
+
+
+def check_supported(target, input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> None:
     """Clear errors for what Clover-2 decoding does not do (raised before any decoding work)."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"Clover-2 decoding supports batch size 1 only, got a batch of {input_ids.shape[0]}.")
@@ -172,7 +120,7 @@ def _expand_fn(draft: Clover2ForDrafting):
     return expand
 
 
-def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Tensor, top_k: int, budget: int,
+def grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Tensor, top_k: int, budget: int,
                static_paths=None, first_logprobs: torch.Tensor | None = None,
                max_depth: int | None = None) -> DraftTree:
     """Head depth 0 + `build_tree` from an augmented state c_t [H]: the tree of one drafting phase.
@@ -180,7 +128,7 @@ def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Ten
     `first_logprobs` [V_draft]: head depth 0's log-probabilities when the caller computed them already;
     `max_depth`: grow at most this many depths (default: all of the drafter's)."""
     if first_logprobs is None:
-        first_logprobs = _first_logprobs(draft, root_state)
+        first_logprobs = depth0_logprobs(draft, root_state)
     return build_tree(
         root_token=root_token,
         first_logprobs=first_logprobs,
@@ -194,7 +142,7 @@ def _grow_tree(draft: Clover2ForDrafting, root_token: int, root_state: torch.Ten
     )
 
 
-def _first_logprobs(draft: Clover2ForDrafting, root_state: torch.Tensor) -> torch.Tensor:
+def depth0_logprobs(draft: Clover2ForDrafting, root_state: torch.Tensor) -> torch.Tensor:
     """[V_draft] log-probabilities of head depth 0 from an augmented state c_t [H]."""
     head0, _ = draft.head_step(root_state[None])
     return _draft_logprobs(draft, head0)[0]
@@ -216,7 +164,7 @@ def clover2_tree_decode(
     draft = clover2_draft
     stats = clover2_stats if clover2_stats is not None else Clover2Stats()
     stats.mode = "tree"
-    _check_supported(model, input_ids, generation_config, model_kwargs)
+    check_supported(model, input_ids, generation_config, model_kwargs)
     cache = model_kwargs.get("cache")
     if cache is None:
         cache = DynamicCache(config=model.config)
@@ -238,7 +186,7 @@ def clover2_tree_decode(
     stats.prompt_tokens = input_ids.shape[1]
     t_start = time.perf_counter()
 
-    capture = _PreNormCapture(model)
+    capture = PreNormCapture(model)
     verify_linears, verify_gqa = CpuVerifyLinears(model, enabled=settings.wide_linear), CpuMaskedGqa(model)
     try:
         # Prefill: the target reads the prompt and picks the first new token itself.
@@ -253,7 +201,7 @@ def clover2_tree_decode(
         pending_hidden = capture.hidden  # [1, n, H] pre-norm states whose next token is known
         raw = out.logits[:, -1].float()  # [1, V]
         processed = logits_processor(input_ids, raw.clone())
-        token = _choose(processed, do_sample)  # the target's own token: root of the first tree
+        token = choose_token(processed, do_sample)  # the target's own token: root of the first tree
         draft_cache = draft.new_cache()
         finished = False
 
@@ -285,10 +233,10 @@ def clover2_tree_decode(
                 next_ids = input_ids[:, -n_pending:].to(draft_device)
                 augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
                 pending_hidden = None
-                first = _first_logprobs(draft, augmented[0, -1])  # [V_draft]
+                first = depth0_logprobs(draft, augmented[0, -1])  # [V_draft]
                 # (with a sizer, no tree is grown when not even the drafter's most confident chain could pay)
                 if sizer is None or sizer.worth_growing(first, settings.top_k):
-                    tree = _grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget,
+                    tree = grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget,
                                       static_paths, first_logprobs=first,
                                       max_depth=sizer.depth_cap if sizer is not None else None)
             if tree is None:
@@ -342,7 +290,7 @@ def clover2_tree_decode(
             while True:
                 raw = tree_logits[node][None]
                 processed = logits_processor(input_ids, raw.clone())
-                token = _choose(processed, do_sample)
+                token = choose_token(processed, do_sample)
                 child = children[node].get(int(token))
                 if child is None:
                     break  # `token` is the bonus token, emitted at the top of the loop
@@ -384,7 +332,7 @@ def clover2_tree_decode(
     return input_ids
 
 
-def _choose(processed_logits: torch.Tensor, do_sample: bool) -> torch.Tensor:
+def choose_token(processed_logits: torch.Tensor, do_sample: bool) -> torch.Tensor:
     """[1, V] processed logits -> [1] token, exactly as `GenerationMixin._sample` picks it."""
     if do_sample:
         probs = torch.softmax(processed_logits, dim=-1)
@@ -392,153 +340,3 @@ def _choose(processed_logits: torch.Tensor, do_sample: bool) -> torch.Tensor:
     return torch.argmax(processed_logits, dim=-1)
 
 
-# --------------------------------------------------------------------------- chain mode
-
-
-class Clover2ChainCandidateGenerator(CandidateGenerator):
-    """Drafts a chain of `num_draft_depths` tokens for transformers' assisted decoding.
-
-    Conditioned on the target's pre-norm hidden states (captured from its final norm's input during
-    each target pass). Greedy drafts the argmax chain; sampling draws each draft token from the
-    drafter's processed distribution and returns those logits, so transformers' speculative sampling
-    keeps the target distribution.
-    """
-
-    requires_model_outputs = True
-    model_kwargs_overrides: dict = {}
-
-    def __init__(self, target, draft: Clover2ForDrafting, generation_config, logits_processor, stats: Clover2Stats):
-        self.target = target
-        self.draft = draft
-        self.do_sample = bool(generation_config.do_sample)
-        self.max_length = generation_config.max_length
-        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
-        self.stats = stats
-        self.capture = _PreNormCapture(target)
-        self.draft_cache = draft.new_cache()
-        self.device = draft.fc1.weight.device
-
-    @torch.no_grad()
-    def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False,
-                       n_last_matches=0, **kwargs):
-        self.stats.target_forwards += 1  # each call is followed by exactly one target pass
-        if is_first_iteration:
-            return input_ids, None  # let the target prefill and choose the first token itself
-        sync_device(input_ids.device)
-        t0 = time.perf_counter()
-        done = self.draft_cache.get_seq_length()
-        n_new = input_ids.shape[1] - 1 - done  # verified positions the drafter has not read yet
-        hidden = self.capture.hidden[:, :n_new].to(self.device)
-        next_ids = input_ids[:, done + 1 :].to(self.device)
-        augmented = self.draft.augment(hidden, next_ids, cache=self.draft_cache)
-        room = self.max_length - input_ids.shape[1]
-        length = min(self.draft.config.num_draft_depths, max(room - 1, 0))
-        seq = input_ids
-        drafted, drafted_logits = [], []
-        out, state = self.draft.head_step(augmented[:, -1])
-        for depth in range(length):
-            if depth > 0:
-                out, state = self.draft.head_step(state, drafted[-1].to(self.device))
-            logits = self._full_vocab_logits(self.draft.head_logits(out).float())  # [1, V]
-            logits = self.logits_processor(seq, logits)
-            token = _choose(logits, self.do_sample)
-            drafted.append(token.to(input_ids.device))
-            drafted_logits.append(logits)
-            seq = torch.cat([seq, drafted[-1][:, None]], dim=-1)
-        sync_device(input_ids.device)
-        self.stats.draft_time_s += time.perf_counter() - t0
-        if not drafted:
-            return input_ids, None
-        return seq, torch.stack(drafted_logits, dim=1)  # [1, n, V]
-
-    def _full_vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.draft.d2t is None:
-            return logits
-        full = logits.new_full((logits.shape[0], self.draft.config.vocab_size), float("-inf"))
-        full[:, self.draft.d2t.to(logits.device)] = logits
-        return full
-
-    def update_candidate_strategy(self, input_ids, scores, num_matches):
-        self.stats.accepted_depths.append(int(num_matches))
-        self.stats.tokens_per_step.append(int(num_matches) + 1)
-
-
-# --------------------------------------------------------------------------- the generate hook
-
-_STOCK_GENERATE = GenerationMixin.generate
-_GENERATE_SIGNATURE = inspect.signature(_STOCK_GENERATE)
-
-
-@functools.wraps(_STOCK_GENERATE)
-def _generate(self, *args, **kwargs):
-    """`GenerationMixin.generate`, routing `assistant_model=<Clover2ForDrafting>` to Clover-2 decoding."""
-    stats = kwargs.pop("clover2_stats", None)
-    bound = _GENERATE_SIGNATURE.bind_partial(self, *args, **kwargs)
-    draft = bound.arguments.get("assistant_model")
-    if not isinstance(draft, Clover2ForDrafting):
-        if stats is not None:
-            raise ValueError("clover2_stats= is only accepted together with assistant_model=<Clover2ForDrafting>")
-        return _STOCK_GENERATE(self, *args, **kwargs)
-
-    draft.attach_target(self)  # validates hidden size / vocabulary against this target
-    stats = stats if stats is not None else Clover2Stats()
-    arguments = dict(bound.arguments)
-    arguments.pop("self")
-    extra = arguments.pop("kwargs", {})
-    arguments.update(extra)
-    inputs = arguments.get("inputs", arguments.get("input_ids"))
-    if inputs is not None and inputs.dim() == 2 and inputs.shape[0] != 1:
-        raise ValueError(f"Clover-2 decoding supports batch size 1 only, got a batch of {inputs.shape[0]}.")
-    if inputs is not None and inputs.shape[-1] == 0:
-        raise ValueError("Clover-2 decoding needs a non-empty prompt (input_ids has length 0).")
-    for unsupported in ("num_beams", "num_return_sequences"):
-        if (arguments.get(unsupported) or 1) != 1:
-            raise ValueError(f"Clover-2 decoding does not support {unsupported} > 1.")
-
-    if draft.config.decoding == "chain":
-        stats.mode = "chain"
-        t0 = time.perf_counter()
-
-        generator_holder = []
-
-        def candidate_generator(generation_config, logits_processor, **_):
-            generator_holder.append(
-                Clover2ChainCandidateGenerator(self, draft, generation_config, logits_processor, stats)
-            )
-            return generator_holder[-1]
-
-        self._get_candidate_generator = candidate_generator  # instance-level, removed below
-        try:
-            result = _STOCK_GENERATE(self, **arguments)
-        finally:
-            del self._get_candidate_generator
-            for gen in generator_holder:
-                gen.capture.remove()
-            stats.total_time_s += time.perf_counter() - t0
-        stats.prompt_tokens = int(inputs.shape[-1]) if inputs is not None else 0
-        sequences = result.sequences if hasattr(result, "sequences") else result
-        stats.new_tokens = int(sequences.shape[-1]) - stats.prompt_tokens
-        stats.verify_time_s = stats.total_time_s - stats.draft_time_s
-        return result
-
-    arguments.pop("assistant_model")
-    if isinstance(arguments.get("custom_generate"), str):
-        # generate(custom_generate=<drafter dir or repo>, trust_remote_code=True): the drafter's own copy of
-        # this loop, for machines without the package; with the package installed, this loop runs instead
-        arguments.pop("custom_generate")
-        arguments.pop("trust_remote_code", None)
-    streamer = arguments.get("streamer")
-    return _STOCK_GENERATE(
-        self,
-        custom_generate=clover2_tree_decode,
-        clover2_draft=draft,
-        clover2_streamer=streamer,
-        clover2_stats=stats,
-        **arguments,
-    )
-
-
-def _install_generate_hook() -> None:
-    """Route `generate(assistant_model=<Clover2ForDrafting>)` to Clover-2 decoding (idempotent)."""
-    if GenerationMixin.generate is not _generate:
-        GenerationMixin.generate = _generate

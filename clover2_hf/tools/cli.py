@@ -375,11 +375,11 @@ def _self_distill_parser(sub) -> None:
 def _self_distill(args) -> None:
     import torch
 
-    from .recipes import _local_device, load_target
+    from .targets import load_target, local_device
     from .selfdistill import generate_answers
 
     target, tokenizer = load_target(args.target, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    target.to(_local_device())
+    target.to(local_device())
     summary = generate_answers(
         target, tokenizer, args.output, args.data, max_prompts=args.max_prompts,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -439,7 +439,7 @@ def _load_models(args, draft_required: bool):
         _check_model_ref("draft", args.draft, "drafter")
     import torch
 
-    from .modeling_clover2 import Clover2ForDrafting
+    from ..modeling_clover2 import Clover2ForDrafting
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -515,7 +515,7 @@ def _tune(args) -> None:
     import json
     from pathlib import Path
 
-    from .cost_model import calibration_file
+    from ..generation.cost_model import calibration_file
     from .tune import DEFAULT_BUDGETS, DEFAULT_TOP_KS, remove_tuned_settings, stored_settings, tune, tuning_file
 
     if args.show:

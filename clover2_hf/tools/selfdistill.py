@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .data import load_conversations
+from ..data import load_conversations
 
 logger = logging.getLogger(__name__)
 

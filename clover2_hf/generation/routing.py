@@ -1,0 +1,101 @@
+"""The one hook into transformers: `generate(assistant_model=<Clover2ForDrafting>)` runs Clover-2 decoding.
+
+`install_generate_hook` (called by `import clover2_hf`) wraps `GenerationMixin.generate`; a call whose
+`assistant_model` is a `Clover2ForDrafting` goes to tree decoding (`clover2_tree_decode`, handed to
+stock `generate` as its `custom_generate` loop, so transformers still prepares the generation config,
+logits processors, stopping criteria and cache exactly as for plain decoding) or to chain decoding
+(transformers' `_assisted_decoding` with `Clover2ChainCandidateGenerator`). Any other call goes to
+stock transformers untouched.
+
+Relies on: `GenerationMixin.generate` being the entry point of every `model.generate` call and
+accepting a callable `custom_generate` with extra keyword arguments passed through to it; chain mode
+on the per-instance `_get_candidate_generator(generation_config, logits_processor, ...)` lookup inside
+`_assisted_decoding` (a private method: tests/test_decoding.py's chain identity tests fail if it is
+renamed or no longer consulted).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+
+from transformers import GenerationMixin
+
+from ..modeling_clover2 import Clover2ForDrafting
+from .chain import Clover2ChainCandidateGenerator
+from .stats import Clover2Stats
+from .tree_step import check_generate_arguments, clover2_tree_decode
+
+__all__ = ["install_generate_hook"]
+
+_STOCK_GENERATE = GenerationMixin.generate
+_GENERATE_SIGNATURE = inspect.signature(_STOCK_GENERATE)
+
+
+@functools.wraps(_STOCK_GENERATE)
+def _generate(self, *args, **kwargs):
+    """`GenerationMixin.generate`, routing `assistant_model=<Clover2ForDrafting>` to Clover-2 decoding."""
+    stats = kwargs.pop("clover2_stats", None)
+    bound = _GENERATE_SIGNATURE.bind_partial(self, *args, **kwargs)
+    draft = bound.arguments.get("assistant_model")
+    if not isinstance(draft, Clover2ForDrafting):
+        if stats is not None:
+            raise ValueError("clover2_stats= is only accepted together with assistant_model=<Clover2ForDrafting>")
+        return _STOCK_GENERATE(self, *args, **kwargs)
+
+    draft.attach_target(self)  # validates hidden size / vocabulary against this target
+    stats = stats if stats is not None else Clover2Stats()
+    arguments = dict(bound.arguments)
+    arguments.pop("self")
+    arguments.update(arguments.pop("kwargs", {}))
+    check_generate_arguments(arguments)
+    if draft.config.decoding == "chain":
+        return _chain_generate(self, draft, arguments, stats)
+
+    arguments.pop("assistant_model")
+    if isinstance(arguments.get("custom_generate"), str):
+        # generate(custom_generate=<drafter dir or repo>, trust_remote_code=True): the drafter's own copy of
+        # this loop, for machines without the package; with the package installed, this loop runs instead
+        arguments.pop("custom_generate")
+        arguments.pop("trust_remote_code", None)
+    return _STOCK_GENERATE(
+        self,
+        custom_generate=clover2_tree_decode,
+        clover2_draft=draft,
+        clover2_streamer=arguments.get("streamer"),
+        clover2_stats=stats,
+        **arguments,
+    )
+
+
+def _chain_generate(target, draft: Clover2ForDrafting, arguments: dict, stats: Clover2Stats):
+    """Stock assisted decoding with `Clover2ChainCandidateGenerator` as this call's candidate generator."""
+    stats.mode = "chain"
+    t0 = time.perf_counter()
+    generators = []
+
+    def candidate_generator(generation_config, logits_processor, **_):
+        generators.append(Clover2ChainCandidateGenerator(target, draft, generation_config, logits_processor, stats))
+        return generators[-1]
+
+    target._get_candidate_generator = candidate_generator  # instance-level, removed below
+    try:
+        result = _STOCK_GENERATE(target, **arguments)
+    finally:
+        del target._get_candidate_generator
+        for generator in generators:
+            generator.capture.remove()
+        stats.total_time_s += time.perf_counter() - t0
+    inputs = arguments.get("inputs", arguments.get("input_ids"))
+    stats.prompt_tokens = int(inputs.shape[-1]) if inputs is not None else 0
+    sequences = result.sequences if hasattr(result, "sequences") else result
+    stats.new_tokens = int(sequences.shape[-1]) - stats.prompt_tokens
+    stats.verify_time_s = stats.total_time_s - stats.draft_time_s
+    return result
+
+
+def install_generate_hook() -> None:
+    """Route `generate(assistant_model=<Clover2ForDrafting>)` to Clover-2 decoding (idempotent)."""
+    if GenerationMixin.generate is not _generate:
+        GenerationMixin.generate = _generate
