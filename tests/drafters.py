@@ -6,18 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from clover2_hf import Clover2ForDrafting
+from clover2_hf.generation.capture import PreNormCapture
 
 
 def target_features(target, ids: torch.Tensor) -> torch.Tensor:
     """[B, T] token ids -> [B, T, H] pre-norm last hidden states of the target."""
-    captured = {}
-    handle = target.get_decoder().norm.register_forward_hook(lambda m, a, o: captured.update(h=a[0]))
-    try:
-        with torch.no_grad():
-            target(input_ids=ids)
-    finally:
-        handle.remove()
-    return captured["h"]
+    with PreNormCapture(target) as capture, torch.no_grad():
+        target(input_ids=ids)
+    return capture.hidden
 
 
 def train_on_own_outputs(target, steps: int = 150, seqs: int = 24, length: int = 40, seed: int = 0,
