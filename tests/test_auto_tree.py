@@ -199,10 +199,68 @@ def test_explicit_settings_win_and_the_config_is_never_changed(monkeypatch):
     assert auto.adaptive and auto.budget == 64 and auto.source == "device cost model"
     draft.config.tree_budget, draft.config.tree_top_k = 25, 10
     fixed = auto_tree_settings(draft, target)
-    assert (fixed.adaptive, fixed.budget, fixed.top_k, fixed.source) == (False, 25, 10, "config")
+    assert (fixed.adaptive, fixed.budget, fixed.top_k, fixed.source) == (False, 25, 10, "caller")
     before = draft.config.to_dict()
     target.generate(torch.tensor([[5, 6, 7]]), do_sample=False, max_new_tokens=5, assistant_model=draft)
     assert draft.config.to_dict() == before
+
+
+def test_generate_keywords_override_the_drafter_defaults_for_one_call(monkeypatch):
+    """tree_budget= / tree_top_k= / tree_lookup_tokens= / clover2_decoding= apply to one call only."""
+    _with_costs(monkeypatch, FLAT)
+    target, draft, prompts = trained_pair("llama")
+    before = draft.config.to_dict()
+    ids = prompts[:1]
+    expected = target.generate(ids, do_sample=False, max_new_tokens=24)
+    stats = Clover2Stats()
+    got = target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=draft, clover2_stats=stats,
+                          tree_budget=3, tree_top_k=2, tree_lookup_tokens=0)
+    assert torch.equal(expected, got)
+    assert stats.tree_settings.startswith("tree_budget=3, tree_top_k=2 (from the caller)")
+    assert max(stats.tree_sizes) <= 3 and stats.mode == "tree"
+    default = Clover2Stats()  # the next call without keywords is back on the drafter's defaults ("auto")
+    target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=draft, clover2_stats=default)
+    assert "device cost model" in default.tree_settings
+    chain = Clover2Stats()
+    got = target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=draft, clover2_stats=chain,
+                          clover2_decoding="chain")
+    assert torch.equal(expected, got) and chain.mode == "chain"
+    assert draft.config.to_dict() == before
+
+
+def test_explicit_keywords_beat_a_tuning_record(monkeypatch):
+    target = make_tiny_target("llama")
+    draft = Clover2ForDrafting.from_target(target).eval()
+    record = {"tree_budget": 7, "tree_top_k": 3, "verify_time_s": {"1": 0.01, "8": 0.02}}
+    monkeypatch.setattr(cost_model, "load_tuned_settings", lambda *a, **k: dict(record))
+    _with_costs(monkeypatch, FLAT)
+    from clover2_hf.generation.options import DecodingOptions
+
+    tuned = auto_tree_settings(draft, target)
+    assert tuned.source == "tuning file" and tuned.budget == 7 and tuned.top_k == 3
+    mixed = auto_tree_settings(draft, target, options=DecodingOptions.resolve(draft.config, {"tree_top_k": 5}))
+    assert (mixed.budget, mixed.top_k) == (7, 5)  # only the "auto" value is filled in
+    fixed = auto_tree_settings(draft, target, options=DecodingOptions.resolve(draft.config, {"tree_budget": 4}))
+    assert (fixed.adaptive, fixed.budget, fixed.top_k) == (False, 4, 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tree_budget": 0}, "tree_budget must be an integer >= 1"),
+    ({"tree_top_k": "many"}, "tree_top_k must be an integer >= 1 or \"auto\""),
+    ({"clover2_decoding": "beam"}, "decoding must be one of"),
+    ({"tree_lookup_ngram": 1}, "tree_lookup_ngram must be an integer >= 2"),
+])
+def test_bad_option_keywords_fail_before_decoding(kwargs, message):
+    target = make_tiny_target("llama")
+    draft = Clover2ForDrafting.from_target(target).eval()
+    with pytest.raises(ValueError, match=message):
+        target.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, assistant_model=draft, **kwargs)
+
+
+def test_option_keywords_without_a_clover2_assistant_are_rejected_by_transformers():
+    target = make_tiny_target("llama")
+    with pytest.raises(ValueError, match="tree_budget"):
+        target.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, tree_budget=4)
 
 
 # --------------------------------------------------------------------------- decoding with automatic sizing

@@ -222,3 +222,27 @@ def test_default_draft_dtype(monkeypatch):
     assert tune.default_draft_dtype("cpu", torch.float16) == torch.float16
     monkeypatch.setattr(tune, "cpu_has_bf16_matmul", lambda: False)
     assert tune.default_draft_dtype("cpu", torch.float32) == torch.float32
+
+
+def test_load_state_dict_refreshes_the_cached_draft_head_rows():
+    """The gathered head rows lm_head.weight[d2t] are cached; loading another d2t must not score with stale rows."""
+    target = make_tiny_target("llama")
+    draft = Clover2ForDrafting.from_target(target, draft_vocab_size=16).eval()
+    draft.set_draft_vocab(torch.arange(100, 116))
+    other = Clover2ForDrafting.from_target(target, draft_vocab_size=16).eval()
+    other_vocab = torch.arange(20, 36).flip(0)
+    other.set_draft_vocab(other_vocab)
+    states = torch.randn(3, target.config.hidden_size)
+    with torch.no_grad():
+        draft.head_logits(states)  # fills the cache with the rows of ids 100..115
+        draft.load_state_dict(other.state_dict())
+        assert torch.equal(draft.d2t, other_vocab)
+        torch.testing.assert_close(draft.head_logits(states), torch.nn.functional.linear(states, target.lm_head.weight[other_vocab]))
+        torch.testing.assert_close(draft.head_logits(states), other.head_logits(states))
+    # a bf16 drafter (cast cache) after loading a float32 state dict with another vocabulary
+    draft.to(torch.bfloat16)
+    draft.set_draft_vocab(torch.arange(100, 116))
+    draft.head_logits(states)
+    draft.load_state_dict(other.state_dict())
+    expected = torch.nn.functional.linear(states.bfloat16(), target.lm_head.weight[other_vocab].bfloat16())
+    torch.testing.assert_close(draft.head_logits(states), expected)

@@ -26,11 +26,14 @@ def _loss_case(seed: int = 0, **config):
     return target, draft, head_states, post_norm, loss_mask
 
 
-def _reference_loss(target, draft, head_states, post_norm, loss_mask):
-    """Plain loops over (b, depth, t), straight from the spec."""
+def _reference_loss(target, draft, head_states, post_norm, loss_mask, vocab=None, renormalise=False):
+    """Plain loops over (b, depth, t), straight from the spec. `vocab`: a truncated draft vocabulary (target
+    ids, in head order): the draft scores those rows only, and the target's full-vocabulary probabilities are
+    read at those ids (rescaled to sum to 1 only with `renormalise`, which the spec'd loss does not do)."""
     cfg = draft.config
     B, N, T, H = head_states.shape
     W = target.lm_head.weight
+    vocab = torch.arange(W.shape[0]) if vocab is None else vocab
     total = 0.0
     for i in range(N):
         reg, ce, n = 0.0, 0.0, 0
@@ -40,8 +43,10 @@ def _reference_loss(target, draft, head_states, post_norm, loss_mask):
                     continue
                 label = post_norm[b, t + 1 + i]
                 reg += F.smooth_l1_loss(head_states[b, i, t], label)
-                p = torch.softmax(label @ W.T, -1)
-                q = torch.log_softmax(head_states[b, i, t] @ W.T, -1)
+                p = torch.softmax(label @ W.T, -1)[vocab]
+                q = torch.log_softmax(head_states[b, i, t] @ W[vocab].T, -1)
+                if renormalise:
+                    p = p / p.sum()
                 ce += -(p * q).sum()
                 n += 1
         if n:
@@ -105,10 +110,31 @@ def test_depth_i_uses_the_target_at_t_plus_1_plus_i():
 
 def test_truncated_vocabulary_reads_target_probabilities_at_draft_ids():
     target, draft, head_states, post_norm, loss_mask = _loss_case(seed=3, draft_vocab_size=20)
-    draft.set_draft_vocab(torch.arange(140, 160))
+    W = target.lm_head.weight
     with torch.no_grad():
-        loss, _ = distillation_loss(draft, head_states, post_norm, loss_mask)
-    assert torch.isfinite(loss)
+        # row 0 drafts exactly the target's labels at depth 0 and the vocabulary holds the target's choices
+        # there, so top-1 hits there and (mostly) misses on row 1: the metric must map draft rows to target ids
+        head_states[0, 0, :-1] = post_norm[0, 1:]
+        chosen = (post_norm[0, 1:] @ W.T).argmax(-1).unique()
+        others = torch.tensor([i for i in range(W.shape[0]) if i not in chosen.tolist()])
+        others = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(0))]
+    vocab = torch.cat([chosen, others[: 20 - len(chosen)]]).flip(0)  # head order != id order
+    draft.set_draft_vocab(vocab)
+    loss_mask[1, 3] = 0
+    with torch.no_grad():
+        loss, metrics = distillation_loss(draft, head_states, post_norm, loss_mask)
+        expected = _reference_loss(target, draft, head_states, post_norm, loss_mask, vocab=vocab)
+        # not renormalised: the loss with the draft ids' probabilities rescaled to sum to 1 is another number
+        renormalised = _reference_loss(target, draft, head_states, post_norm, loss_mask, vocab=vocab, renormalise=True)
+        # top-1 metric of depth 0: the draft's best row mapped to its target id vs the target's full argmax
+        valid = [(b, t) for b in range(2) for t in range(7) if t + 2 < 7 and loss_mask[b, t + 2]]
+        hits = [int(vocab[(head_states[b, 0, t] @ W[vocab].T).argmax()] == (post_norm[b, t + 1] @ W.T).argmax())
+                for b, t in valid]
+    torch.testing.assert_close(loss, torch.as_tensor(expected, dtype=loss.dtype), rtol=1e-5, atol=1e-5)
+    assert abs(float(loss) - float(renormalised)) > 0.1 * float(loss)
+    assert metrics["valid_0"] == len(valid)
+    assert metrics["top1_0"] == pytest.approx(sum(hits) / len(hits))
+    assert 0 < metrics["top1_0"] < 1
 
 
 def _examples(target, n: int = 12, length: int = 24):

@@ -1,6 +1,6 @@
 """Chain mode: a `CandidateGenerator` for transformers' own assisted decoding.
 
-`draft.config.decoding == "chain"` drafts one chain of `num_draft_depths` tokens per step and lets
+Chain decoding (`decoding="chain"`, `clover2_hf.generation.options`) drafts one chain of `num_draft_depths` tokens per step and lets
 transformers' `_assisted_decoding` verify it: greedy drafts the argmax chain; sampling draws each draft
 token from the drafter's processed distribution and returns those logits, so transformers' speculative
 sampling keeps the target distribution. Transformers crops accepted blocks at eos and max length only;

@@ -16,7 +16,7 @@ __all__ = ["CpuMaskedGqa", "CpuVerifyLinears", "FORCE_GQA_ENV", "target_mask_kwa
 
 
 def wide_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`nn.Linear.forward`, computed as W @ x^T where that is faster on this project's CPU (see below)."""
+    """`nn.Linear.forward`, computed as W @ x^T for the row counts where some CPU BLAS is faster that way."""
     rows = x.reshape(-1, x.shape[-1])  # [q, in]
     out_features, in_features = self.weight.shape
     if rows.shape[0] == 1 or (rows.shape[0] > 4 and out_features < 8 * in_features):
@@ -30,18 +30,15 @@ def wide_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class CpuVerifyLinears:
     """Runs the target's float32 `nn.Linear` layers as W @ x^T in tree verification passes on a CPU.
 
-    With torch's MKL on this project's 2-core AMD EPYC, float32 `F.linear` over a few rows (x [q, in],
-    the verification pass of a small tree) is far slower per row than over one row, while the same
-    product written W @ x^T runs through a faster kernel for up to 4 rows, and for the tall vocabulary
-    head (out >= 8 x in) at any q. Whole SmolLM2-135M verification forwards (ms, context 200, best of
-    2 x median of 5; reproduce with `tune.measure_verify_time` with `CLOVER2_HF_WIDE_LINEAR=0`
-    and `=1`): q = 1: 45 / 45; q = 2: 85 / 64; q = 3: 99 / 69; q = 4: 81 / 68; q = 5: 75 / 69;
-    q = 9: 85 / 80; q = 17: 93 / 93 (stock / this rule). Plain decoding (q = 1) is unchanged, so the
+    Why: with some CPU BLAS builds float32 `F.linear` over a few rows (x [q, in], the verification pass
+    of a small tree) is far slower per row than over one row, while the same product written W @ x^T
+    runs through a faster kernel for up to 4 rows, and for the tall vocabulary head (out >= 8 x in) at
+    any q (measurements: docs/kernel_measurements.md). Plain decoding (q = 1) is unchanged, so the
     baseline is not made faster. Only exact `nn.Linear` modules with float32 CPU weights are switched,
     per instance and only inside `with self:`; the products are the same up to float rounding order,
     as with any other kernel choice (greedy identity is checked by the tests and by every benchmark).
-    Whether it pays depends on the CPU and its BLAS (on an Intel Xeon with torch 2.13 it made the same
-    passes slower), so it is off unless `enabled`: the device calibration (`clover2_hf.generation.cost_model`)
+    Whether it pays depends on the CPU and its BLAS (on others it makes the same passes slower), so it
+    is off unless `enabled`: the device calibration (`clover2_hf.generation.cost_model`)
     times the passes both ways and turns it on only where it measured faster.
     `CLOVER2_HF_WIDE_LINEAR=1` / `=0` forces it on / off in decoding (timings pass `honour_env=False`,
     so what they record is the kernel that really ran).
@@ -77,16 +74,14 @@ class CpuMaskedGqa:
     transformers' `sdpa_attention_forward` repeats the key/value heads of grouped-query attention
     (`repeat_kv`: a copy of the layer's whole KV cache) whenever an attention mask is passed, because on
     CUDA a masked `enable_gqa` call falls back to SDPA's math kernel. A tree verification pass always
-    passes a mask, so on a CPU it paid for those copies while plain decoding (no mask) did not: at
-    SmolLM2-135M's shape, context 150, 3.4 ms of a 70 ms forward over 5 tokens. torch's CPU SDPA takes a
+    passes a mask, so on a CPU it paid for those copies while plain decoding (no mask) did not
+    (docs/kernel_measurements.md). torch's CPU SDPA takes a
     mask together with `enable_gqa=True` (the same query-to-key head mapping as `repeat_kv`), and
     transformers reads its switch `TRANSFORMERS_SDPA_FORCE_GQA` at every attention call. Inside
     `with self:` that switch is set, only when every target weight is on the CPU and the target uses
     SDPA, and never over a value the user set. The switch is an environment variable, so while a pass
     runs it also applies to masked SDPA calls of other threads (on CUDA they would take the slower math
-    kernel, with the same results). Whole verification forwards (ms, context 150, min of 3 x
-    median of 5, `tune.measure_verify_time`, switch off / on): q = 5: 75.2 / 70.3; q = 9: 87.4 / 83.4;
-    q = 1 unchanged. Set `CLOVER2_HF_CPU_GQA=0` to switch it off.
+    kernel, with the same results). Set `CLOVER2_HF_CPU_GQA=0` to switch it off.
     """
 
     def __init__(self, target) -> None:

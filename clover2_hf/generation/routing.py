@@ -24,6 +24,7 @@ from transformers import GenerationMixin
 
 from ..modeling_clover2 import Clover2ForDrafting
 from .chain import Clover2ChainCandidateGenerator
+from .options import DecodingOptions, pop_decoding_options
 from .stats import Clover2Stats
 from .tree_step import check_generate_arguments, clover2_tree_decode
 
@@ -36,21 +37,21 @@ _GENERATE_SIGNATURE = inspect.signature(_STOCK_GENERATE)
 @functools.wraps(_STOCK_GENERATE)
 def _generate(self, *args, **kwargs):
     """`GenerationMixin.generate`, routing `assistant_model=<Clover2ForDrafting>` to Clover-2 decoding."""
-    stats = kwargs.pop("clover2_stats", None)
     bound = _GENERATE_SIGNATURE.bind_partial(self, *args, **kwargs)
     draft = bound.arguments.get("assistant_model")
     if not isinstance(draft, Clover2ForDrafting):
-        if stats is not None:
+        if "clover2_stats" in kwargs:
             raise ValueError("clover2_stats= is only accepted together with assistant_model=<Clover2ForDrafting>")
-        return _STOCK_GENERATE(self, *args, **kwargs)
+        return _STOCK_GENERATE(self, *args, **kwargs)  # Clover-2 option keywords: stock rejects them as unused
 
     draft.attach_target(self)  # validates hidden size / vocabulary against this target
-    stats = stats if stats is not None else Clover2Stats()
     arguments = dict(bound.arguments)
     arguments.pop("self")
     arguments.update(arguments.pop("kwargs", {}))
+    stats = arguments.pop("clover2_stats", None) or Clover2Stats()
+    options = DecodingOptions.resolve(draft.config, pop_decoding_options(arguments))
     check_generate_arguments(arguments)
-    if draft.config.decoding == "chain":
+    if options.decoding == "chain":
         return _chain_generate(self, draft, arguments, stats)
 
     arguments.pop("assistant_model")
@@ -65,6 +66,7 @@ def _generate(self, *args, **kwargs):
         clover2_draft=draft,
         clover2_streamer=arguments.get("streamer"),
         clover2_stats=stats,
+        clover2_options=options,
         **arguments,
     )
 

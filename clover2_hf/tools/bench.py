@@ -4,7 +4,7 @@ For every question (first turn, optionally both turns) the chat template is appl
 `generate()` runs interleaved with each method in ONE process, so that all timings share the same
 machine state:
 
-* ``"clover2-tree"``: Clover-2 tree decoding (`draft.config.decoding = "tree"`), with the drafter's
+* ``"clover2-tree"``: Clover-2 tree decoding (`generate(..., clover2_decoding="tree")`), with the drafter's
   config as it is (by default its tree carries a prompt-lookup path, `tree_lookup_tokens`);
 * ``"clover2-tree-nolookup"``: the same with `tree_lookup_tokens = 0`: the drafter's tree alone;
 * ``"clover2-chain"``: Clover-2 top-1 chain through transformers' assisted decoding (`"chain"`);
@@ -70,11 +70,11 @@ __all__ = [
 ]
 
 BASELINE = "plain"
-# Clover-2 methods: the drafter config fields each one sets for its runs (restored afterwards)
+# Clover-2 methods: the generate() option keywords of their runs (the drafter's config is not changed)
 CLOVER2_METHODS = {
-    "clover2-tree": {"decoding": "tree"},
-    "clover2-tree-nolookup": {"decoding": "tree", "tree_lookup_tokens": 0},
-    "clover2-chain": {"decoding": "chain"},
+    "clover2-tree": {"clover2_decoding": "tree"},
+    "clover2-tree-nolookup": {"clover2_decoding": "tree", "tree_lookup_tokens": 0},
+    "clover2-chain": {"clover2_decoding": "chain"},
 }
 METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup", "assisted")
 DEFAULT_METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup")
@@ -415,28 +415,20 @@ class _Runner:
         kwargs: dict[str, Any] = dict(self.common, max_new_tokens=max_new_tokens,
                                       attention_mask=torch.ones_like(ids))
         stats = None
-        restore: dict[str, Any] = {}
         if method in CLOVER2_METHODS:
-            for name, value in CLOVER2_METHODS[method].items():
-                restore[name] = getattr(self.draft.config, name)
-                setattr(self.draft.config, name, value)
             stats = Clover2Stats()
-            kwargs.update(assistant_model=self.draft, clover2_stats=stats)
+            kwargs.update(CLOVER2_METHODS[method], assistant_model=self.draft, clover2_stats=stats)
         elif method == "prompt-lookup":
             kwargs.update(prompt_lookup_num_tokens=self.prompt_lookup_num_tokens)
         elif method == "assisted":
             kwargs.update(assistant_model=self.assistant)
         timing = _time_forwards(self.assistant, self.device) if method == "assisted" else contextlib.nullcontext([None])
-        try:
-            with torch.no_grad(), _count_forwards(self.target) as forwards, timing as assistant_time:
-                sync_device(self.device)
-                t0 = time.perf_counter()
-                out = self.target.generate(ids, **kwargs)
-                sync_device(self.device)
-                elapsed = time.perf_counter() - t0
-        finally:
-            for name, value in restore.items():
-                setattr(self.draft.config, name, value)
+        with torch.no_grad(), _count_forwards(self.target) as forwards, timing as assistant_time:
+            sync_device(self.device)
+            t0 = time.perf_counter()
+            out = self.target.generate(ids, **kwargs)
+            sync_device(self.device)
+            elapsed = time.perf_counter() - t0
         if stats is not None:
             draft_time = stats.draft_time_s
         elif method == BASELINE:
@@ -470,7 +462,7 @@ def run_benchmark(
         target: the target causal LM (batch size 1, greedy).
         tokenizer: its tokenizer, with a chat template.
         draft: a `Clover2ForDrafting` attached to (or attachable to) `target`; needed by the
-            ``clover2-*`` methods. Its `config.decoding` is restored afterwards.
+            ``clover2-*`` methods (each passes its options to `generate`; the drafter is not changed).
         questions: the question set (default: bundled MT-Bench, see `load_questions`).
         methods: any of `METHODS`; plain generate always runs as the baseline.
         max_new_tokens: generation length cap per answer.

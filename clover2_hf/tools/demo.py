@@ -195,34 +195,30 @@ def run_demo(target, tokenizer, draft, prompt: str = DEFAULT_PROMPT, max_new_tok
     repeats and plain's to a throw-away buffer) so that they pay the same streaming cost. After the
     streamed run and one plain run, `timing_rounds - 1` more pairs run in alternating order, and each
     method's fastest run is reported (a burst of load from another process then hurts neither side
-    alone). `draft.config.decoding` is set to "tree" for the call and restored afterwards.
+    alone). Tree decoding is asked for per call (`clover2_decoding="tree"`); the drafter is not changed.
     """
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"].to(target.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    saved = draft.config.decoding
-    draft.config.decoding = "tree"
-    try:
-        if warmup:
-            _timed_generate(target, ids, max_new_tokens=4, pad_token_id=pad)
-            _timed_generate(target, ids, max_new_tokens=4, pad_token_id=pad, assistant_model=draft)
-        stats = Clover2Stats()
-        streamer = DraftHighlightStreamer(tokenizer, stats, stream=stream, style=style)
-        out, clover2_time = _timed_generate(target, ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                            assistant_model=draft, clover2_stats=stats, streamer=streamer)
+    tree = {"assistant_model": draft, "clover2_decoding": "tree"}
+    if warmup:
+        _timed_generate(target, ids, max_new_tokens=4, pad_token_id=pad)
+        _timed_generate(target, ids, max_new_tokens=4, pad_token_id=pad, **tree)
+    stats = Clover2Stats()
+    streamer = DraftHighlightStreamer(tokenizer, stats, stream=stream, style=style)
+    out, clover2_time = _timed_generate(target, ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                        **tree, clover2_stats=stats, streamer=streamer)
+    quiet = DraftHighlightStreamer(tokenizer, None, stream=io.StringIO(), style="none")
+    plain, plain_time = _timed_generate(target, ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                        streamer=quiet)
+    for _ in range(max(timing_rounds, 1) - 1):
         quiet = DraftHighlightStreamer(tokenizer, None, stream=io.StringIO(), style="none")
-        plain, plain_time = _timed_generate(target, ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                            streamer=quiet)
-        for _ in range(max(timing_rounds, 1) - 1):
-            quiet = DraftHighlightStreamer(tokenizer, None, stream=io.StringIO(), style="none")
-            _, again = _timed_generate(target, ids, max_new_tokens=max_new_tokens, pad_token_id=pad, streamer=quiet)
-            plain_time = min(plain_time, again)
-            quiet = DraftHighlightStreamer(tokenizer, Clover2Stats(), stream=io.StringIO(), style="none")
-            _, again = _timed_generate(target, ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                       assistant_model=draft, streamer=quiet, clover2_stats=quiet.stats)
-            clover2_time = min(clover2_time, again)
-    finally:
-        draft.config.decoding = saved
+        _, again = _timed_generate(target, ids, max_new_tokens=max_new_tokens, pad_token_id=pad, streamer=quiet)
+        plain_time = min(plain_time, again)
+        quiet = DraftHighlightStreamer(tokenizer, Clover2Stats(), stream=io.StringIO(), style="none")
+        _, again = _timed_generate(target, ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                   **tree, streamer=quiet, clover2_stats=quiet.stats)
+        clover2_time = min(clover2_time, again)
     new = out[0, ids.shape[1]:]
     return DemoResult(
         answer=tokenizer.decode(new, skip_special_tokens=True),

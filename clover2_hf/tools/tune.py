@@ -121,9 +121,8 @@ def default_draft_dtype(device: torch.device | str, target_dtype: torch.dtype) -
     (even for a float32 target), else the target's dtype.
 
     Only the drafter's precision changes: every emitted token is still the target's own choice, so the
-    output stays identical. On this project's 2-core AMD EPYC (AVX512-BF16) one drafting phase of the
-    SmolLM2 drafter takes about half the time in bf16 (see README, "Where the time goes"), because
-    float32 matrix products of a few rows are slow there while bf16 ones run on the bf16 units.
+    output stays identical. Why: float32 matrix products of a few rows can be slow on such CPUs while
+    bf16 ones run on the bf16 units (docs/kernel_measurements.md).
     """
     if torch.device(device).type == "cpu" and target_dtype == torch.float32 and cpu_has_bf16_matmul():
         return torch.bfloat16

@@ -196,6 +196,11 @@ def _identity_plus_noise_(weight: torch.Tensor, noise: float) -> None:
         weight.diagonal().add_(1.0)
 
 
+def _drop_draft_head_cache(module: nn.Module, incompatible_keys) -> None:
+    """`load_state_dict` post-hook: the cached head rows were gathered with the old `d2t`."""
+    module._draft_head_weight = None
+
+
 class Clover2ForDrafting(Clover2PreTrainedModel):
     """Clover-2 draft model: regressive attention cells, augmenting block and recurrent heads.
 
@@ -238,7 +243,9 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
             self.d2t = None
         self._no_split_modules = [layer_cls.__name__]
         self._target_head = None  # the target's output head; kept out of the module tree on purpose
-        self._draft_head_weight = None
+        self._draft_head_weight = None  # cached head rows (lm_head.weight[d2t], cast); see _head_weight_and_bias
+        # loading a state dict may bring another d2t: drop the cached rows (runs for a parent's load_state_dict too)
+        self.register_load_state_dict_post_hook(_drop_draft_head_cache)
         self.post_init()
 
     def __setattr__(self, name: str, value) -> None:

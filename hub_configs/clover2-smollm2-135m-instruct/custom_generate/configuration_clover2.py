@@ -56,6 +56,10 @@ class Clover2Config(PreTrainedConfig):
             verification stays exact. `None` drafts over the target's full vocabulary.
         base_model_name_or_path (`str`, *optional*):
             Hub id or path of the target the drafter was trained for (informative; used in model cards).
+        decoding, tree_type, tree_budget, tree_top_k, tree_lookup_tokens, tree_lookup_ngram:
+            The drafter's DEFAULT decoding options, saved with it; one `generate()` call overrides any of
+            them with a keyword of the same name (`clover2_decoding=` for `decoding`), and nothing a call
+            does changes them (`clover2_hf.generation.options`).
         decoding (`"tree"` or `"chain"`, defaults to `"tree"`):
             How `generate(assistant_model=draft)` uses the drafter: a dynamic token tree verified in one
             target pass (the paper's method) or a top-1 chain through transformers' assisted decoding.
@@ -65,7 +69,7 @@ class Clover2Config(PreTrainedConfig):
             Number of draft tokens (tree nodes, root excluded) verified per target forward pass. `"auto"`:
             `clover2 tune`'s stored choice for this target and device when there is one, else the tree is
             sized at every step from the device's measured verification costs and the drafter's own path
-            probabilities, down to a plain step when no tree pays (`clover2_hf.cost_model`). An integer
+            probabilities, down to a plain step when no tree pays (`clover2_hf.generation.cost_model`). An integer
             is used as it is (the paper's setting is 25).
         tree_top_k (`int` or `"auto"`, defaults to `"auto"`):
             Number of children considered per expanded node (the paper's setting is 10); `"auto"`: the
@@ -122,11 +126,7 @@ class Clover2Config(PreTrainedConfig):
             )
         _check_int("num_draft_depths", self.num_draft_depths, 1)
         _check_int("num_augmenting_layers", self.num_augmenting_layers, 1)
-        for name in ("tree_budget", "tree_top_k"):
-            if getattr(self, name) != "auto":
-                _check_int(name, getattr(self, name), 1, also='or "auto"')
-        _check_int("tree_lookup_tokens", self.tree_lookup_tokens, 0)
-        _check_int("tree_lookup_ngram", self.tree_lookup_ngram, 2)
+        check_decoding_options(self)
         for name in ("regression_loss_weight", "distillation_loss_weight", "init_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -138,10 +138,6 @@ class Clover2Config(PreTrainedConfig):
                 raise ValueError(
                     f"draft_vocab_size ({self.draft_vocab_size}) exceeds the target vocabulary size ({tc.vocab_size})"
                 )
-        if self.decoding not in DECODING_MODES:
-            raise ValueError(f"decoding must be one of {DECODING_MODES}, got {self.decoding!r}")
-        if self.tree_type not in TREE_TYPES:
-            raise ValueError(f"tree_type must be one of {TREE_TYPES}, got {self.tree_type!r}")
 
     @property
     def hidden_size(self) -> int:
@@ -157,6 +153,19 @@ class Clover2Config(PreTrainedConfig):
 def _check_int(name: str, value: object, minimum: int, also: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}{' ' + also if also else ''}, got {value!r}")
+
+
+def check_decoding_options(options) -> None:
+    """Validate the decoding options of a config or of one call (`generation.options.DecodingOptions`)."""
+    if options.decoding not in DECODING_MODES:
+        raise ValueError(f"decoding must be one of {DECODING_MODES}, got {options.decoding!r}")
+    if options.tree_type not in TREE_TYPES:
+        raise ValueError(f"tree_type must be one of {TREE_TYPES}, got {options.tree_type!r}")
+    for name in ("tree_budget", "tree_top_k"):
+        if getattr(options, name) != "auto":
+            _check_int(name, getattr(options, name), 1, also='or "auto"')
+    _check_int("tree_lookup_tokens", options.tree_lookup_tokens, 0)
+    _check_int("tree_lookup_ngram", options.tree_lookup_ngram, 2)
 
 
 Clover2Config.register_for_auto_class()

@@ -486,7 +486,7 @@ class TreeSettings:
     top_k: int
     budget: int
     adaptive: bool  # the per-step `TreeSizer` picks how much of the tree to verify
-    source: str  # "config", "tuning file" or "device cost model"
+    source: str  # "caller" (explicit values), "tuning file" or "device cost model"
     costs: DeviceCosts | None = None
     wide_linear: bool = False  # run the tree passes' float32 CPU linears as W @ x^T (`CpuVerifyLinears`)
 
@@ -498,17 +498,19 @@ class TreeSettings:
         return f"tree_budget={self.budget}, tree_top_k={self.top_k} (from the {self.source})"
 
 
-def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None) -> TreeSettings:
+def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None,
+                       options=None) -> TreeSettings:
     """Resolve the drafter's tree settings for `target` on its device, never changing `draft.config`.
 
-    Integers in `draft.config.tree_budget` / `tree_top_k` are the caller's choice and are used as they
+    `options`: the call's `DecodingOptions` (default: the drafter config's `tree_budget` / `tree_top_k`).
+    Integers in `tree_budget` / `tree_top_k` are the caller's choice and are used as they
     are (a fixed tree). An ``"auto"`` budget means the per-step `TreeSizer`: with `clover2 tune`'s record
     for this target and device, over tune's measured pass costs and with tune's budget and top-k as
     the largest tree; without one, over the device's first-use calibration, with up to
     `DeviceCosts.max_useful_tokens() - 1` (at least `MIN_AUTO_NODES`) nodes.
     """
-    cfg = draft.config
-    budget, top_k = cfg.tree_budget, cfg.tree_top_k
+    source_of = options if options is not None else draft.config
+    budget, top_k = source_of.tree_budget, source_of.tree_top_k
     record = None if budget != "auto" and top_k != "auto" else load_tuned_settings(draft, target, cache_dir)
     if record is not None and top_k == "auto":
         top_k = record["tree_top_k"]
@@ -519,7 +521,7 @@ def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None =
             known = device_costs(target, cache_dir, calibrate=False)
             wide_linear = bool(known and known.wide_linear)
         return TreeSettings(top_k=auto_top_k(budget) if top_k == "auto" else top_k, budget=budget, adaptive=False,
-                            source="tuning file" if record is not None else "config", wide_linear=wide_linear)
+                            source="tuning file" if record is not None else "caller", wide_linear=wide_linear)
     if record is not None:
         # tune's budget caps the tree; the sizer still verifies only the part that pays, at tune's pass costs
         costs, max_nodes, source = device_costs(target, cache_dir, tuned=record), record["tree_budget"], "tuning file"

@@ -13,7 +13,7 @@ transformers loads `custom_generate/generate.py` (`GenerationMixin.load_custom_g
 `assistant_model=` and hands the copied `clover2_tree_decode` to stock `generate` as its decoding loop,
 exactly as the package's generate hook does for tree mode. Differences from the package path: the drafter's
 config settings are used as they are (no `clover2 tune` results are read), and chain mode
-(`config.decoding == "chain"`) needs the package.
+(`decoding="chain"`) needs the package.
 
 Inside the package this module is importable too (`clover2_hf.hub.remote_generate.generate`), which is how its
 logic is tested without a Hub round trip.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from transformers import GenerationMixin
 
+from .options import DecodingOptions, pop_decoding_options
 from .stats import Clover2Stats
 from .tree_step import check_generate_arguments, clover2_tree_decode
 
@@ -61,11 +62,12 @@ def generate(model, assistant_model=None, clover2_stats=None, **kwargs):
             "(draft = AutoModel.from_pretrained(<drafter>, trust_remote_code=True)), got "
             f"assistant_model={type(draft).__name__ if draft is not None else None}."
         )
-    if getattr(draft.config, "decoding", "tree") != "tree":
+    options = DecodingOptions.resolve(draft.config, pop_decoding_options(kwargs))
+    if options.decoding != "tree":
         raise ValueError(
-            f"This Clover-2 drafter is configured for {draft.config.decoding!r} decoding, which needs the clover2-hf "
-            f"package ({INSTALL_HINT}; then `import clover2_hf` and call generate(..., assistant_model=draft) without "
-            "custom_generate). Set draft.config.decoding = 'tree' to use the Hub path."
+            f"Chain decoding (decoding={options.decoding!r}) needs the clover2-hf package ({INSTALL_HINT}; then "
+            "`import clover2_hf` and call generate(..., assistant_model=draft) without custom_generate). Pass "
+            "clover2_decoding='tree' to use the Hub path."
         )
     draft.attach_target(model)  # validates hidden size / vocabulary against this target
     stats = clover2_stats if clover2_stats is not None else Clover2Stats()
@@ -76,5 +78,6 @@ def generate(model, assistant_model=None, clover2_stats=None, **kwargs):
         clover2_draft=draft,
         clover2_streamer=kwargs.get("streamer"),
         clover2_stats=stats,
+        clover2_options=options,
         **kwargs,
     )

@@ -45,6 +45,7 @@ from .tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_ca
 from .capture import PreNormCapture
 from .cost_model import TreeSizer, auto_tree_settings, sync_device
 from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
+from .options import DecodingOptions
 from .stats import Clover2Stats
 
 __all__ = ["check_generate_arguments", "check_supported", "choose_token", "clover2_tree_decode", "depth0_logprobs", "grow_tree",
@@ -158,10 +159,15 @@ def clover2_tree_decode(
     clover2_draft: Clover2ForDrafting = None,
     clover2_streamer=None,
     clover2_stats: Clover2Stats | None = None,
+    clover2_options: DecodingOptions | None = None,
     **model_kwargs,
 ):
-    """Clover-2 tree decoding as a `generate(custom_generate=...)` callable (batch size 1)."""
+    """Clover-2 tree decoding as a `generate(custom_generate=...)` callable (batch size 1).
+
+    `clover2_options`: this call's options (default: the drafter config's, `DecodingOptions.resolve`).
+    """
     draft = clover2_draft
+    options = clover2_options if clover2_options is not None else DecodingOptions.resolve(draft.config)
     stats = clover2_stats if clover2_stats is not None else Clover2Stats()
     stats.mode = "tree"
     check_supported(model, input_ids, generation_config, model_kwargs)
@@ -176,9 +182,8 @@ def clover2_tree_decode(
     keep_scores = gc.return_dict_in_generate and gc.output_scores
     keep_logits = gc.return_dict_in_generate and gc.output_logits
     scores, raw_logits = [], []
-    cfg = draft.config
-    static_paths = STATIC_TREE_PATHS if cfg.tree_type == "static" else None
-    settings = auto_tree_settings(draft, model)  # explicit config values as they are; "auto" resolved
+    static_paths = STATIC_TREE_PATHS if options.tree_type == "static" else None
+    settings = auto_tree_settings(draft, model, options=options)  # explicit config values as they are; "auto" resolved
     sizer = TreeSizer.for_pair(draft, model, settings.costs) if settings.adaptive else None
     stats.tree_settings = settings.describe()
     device = input_ids.device
@@ -243,9 +248,9 @@ def clover2_tree_decode(
                 tree = root_only(int(token), device)
             num_drafted = tree.num_nodes
             room = gc.max_length - input_ids.shape[1]  # tokens that can still be emitted
-            if cfg.tree_lookup_tokens and room > 0:
-                lookup = lookup_continuation(input_ids[0].tolist(), min(cfg.tree_lookup_tokens, room),
-                                             cfg.tree_lookup_ngram)
+            if options.tree_lookup_tokens and room > 0:
+                lookup = lookup_continuation(input_ids[0].tolist(), min(options.tree_lookup_tokens, room),
+                                             options.tree_lookup_ngram)
                 tree = add_path(tree, lookup) if lookup else tree
             if sizer is not None:
                 kept, _ = sizer.choose(tree, num_drafted, drafting)

@@ -1,0 +1,64 @@
+"""Clover-2's decoding options: the drafter's saved defaults, overridden per call by `generate()` keywords.
+
+Transformers keeps an assistant model's speculation settings (`num_assistant_tokens`, ...) with the
+assistant and lets a `generate()` call override them. Clover-2 does the same:
+
+* the drafter's config holds its defaults (`decoding`, `tree_type`, `tree_budget`, `tree_top_k`,
+  `tree_lookup_tokens`, `tree_lookup_ngram`), saved and loaded with it;
+* a call overrides any of them with keywords of the same name (`decoding` is spelled
+  `clover2_decoding`, the bare word being too generic for `generate()`)::
+
+      target.generate(**inputs, assistant_model=draft, tree_budget=8, tree_top_k=4)
+
+* `"auto"` (`tree_budget` / `tree_top_k`) is the only value a tuning record or the device cost model
+  fills in (`cost_model.auto_tree_settings`); an explicit value is used as it is.
+
+Nothing is written back: `generate()` never changes `draft.config`. (The drafter has no
+`generation_config` on purpose: without this package, stock assisted decoding would take it for an
+ordinary assistant model; see `modeling_clover2.NEEDS_PACKAGE_MESSAGE`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+
+from ..configuration_clover2 import check_decoding_options
+
+__all__ = ["GENERATE_KWARGS", "DecodingOptions", "pop_decoding_options"]
+
+#: generate() keyword -> option (config field) name
+GENERATE_KWARGS = {
+    "clover2_decoding": "decoding",
+    "tree_type": "tree_type",
+    "tree_budget": "tree_budget",
+    "tree_top_k": "tree_top_k",
+    "tree_lookup_tokens": "tree_lookup_tokens",
+    "tree_lookup_ngram": "tree_lookup_ngram",
+}
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """The options one Clover-2 `generate` call runs with (see the module docstring)."""
+
+    decoding: str = "tree"
+    tree_type: str = "dynamic"
+    tree_budget: int | str = "auto"
+    tree_top_k: int | str = "auto"
+    tree_lookup_tokens: int = 10
+    tree_lookup_ngram: int = 3
+
+    def __post_init__(self) -> None:
+        check_decoding_options(self)
+
+    @classmethod
+    def resolve(cls, config, overrides: Mapping[str, object] | None = None) -> DecodingOptions:
+        """The drafter config's defaults with `overrides` ({option name: value}) applied; validated."""
+        defaults = cls(**{f.name: getattr(config, f.name, f.default) for f in fields(cls)})
+        return replace(defaults, **dict(overrides or {}))
+
+
+def pop_decoding_options(kwargs: dict) -> dict[str, object]:
+    """Remove Clover-2's option keywords from `generate()` keyword arguments: {option name: value}."""
+    return {option: kwargs.pop(key) for key, option in GENERATE_KWARGS.items() if key in kwargs}
