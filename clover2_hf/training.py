@@ -196,6 +196,8 @@ class Clover2Trainer(Trainer):
             logs.update({f"train_{k}": round(v, 4) for k, v in last.items() if k.startswith("top1_")})
         super().log(logs, *args, **kwargs)
 
+    # replaces Trainer.evaluate, relying on Trainer's get_eval_dataloader, _prepare_inputs (private) and
+    # callback_handler.on_evaluate; caught by tests/test_training.py::test_trainer_reduces_loss_saves_resumes_and_reloads
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataloader = self.get_eval_dataloader(eval_dataset)

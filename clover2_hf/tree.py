@@ -293,6 +293,8 @@ def compact_cache(cache, num_tree_tokens: int, keep: Sequence[int]) -> None:
     keep = list(keep)
     moves = keep != list(range(len(keep)))  # False: the kept entries already sit at the start of the tail
     keep_t = None
+    # writes DynamicCache layers' `keys` / `values` tensors in place and relies on `crop` (cache_utils);
+    # caught by tests/test_decoding.py::test_cache_compaction_matches_linear_recomputation (every architecture)
     for layer in cache.layers if moves else ():
         keys = getattr(layer, "keys", None)
         if keys is None or keys.numel() == 0:

@@ -81,7 +81,9 @@ def _chain_generate(target, draft: Clover2ForDrafting, arguments: dict, stats: C
         generators.append(Clover2ChainCandidateGenerator(target, draft, generation_config, logits_processor, stats))
         return generators[-1]
 
-    target._get_candidate_generator = candidate_generator  # instance-level, removed below
+    # `_assisted_decoding` asks self._get_candidate_generator(...) for its generator (private); instance-level,
+    # removed below; caught by tests/test_decoding.py's chain identity tests (mode="chain")
+    target._get_candidate_generator = candidate_generator
     try:
         result = _STOCK_GENERATE(target, **arguments)
     finally:
@@ -98,6 +100,9 @@ def _chain_generate(target, draft: Clover2ForDrafting, arguments: dict, stats: C
 
 
 def install_generate_hook() -> None:
-    """Route `generate(assistant_model=<Clover2ForDrafting>)` to Clover-2 decoding (idempotent)."""
+    """Route `generate(assistant_model=<Clover2ForDrafting>)` to Clover-2 decoding (idempotent).
+
+    Replaces `GenerationMixin.generate` (public; every model's generate resolves to it); caught by every identity
+    test in tests/test_decoding.py."""
     if GenerationMixin.generate is not _generate:
         GenerationMixin.generate = _generate

@@ -58,6 +58,8 @@ def target_architecture_classes(model_type: str) -> tuple[type[nn.Module], type[
             f"Supported target model types: {', '.join(sorted(SUPPORTED_TARGET_TYPES))}."
         )
     prefix = SUPPORTED_TARGET_TYPES[model_type]
+    # relies on transformers' module layout and class names (models/<type>/modeling_<type>.py, <Prefix>DecoderLayer,
+    # ...); caught by tests/test_model.py::test_output_shapes over every supported architecture
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     return (
         getattr(module, f"{prefix}DecoderLayer"),
@@ -183,6 +185,8 @@ class Clover2PreTrainedModel(PreTrainedModel):
         ):
             init.zeros_(module.weight)  # (1 + weight) parametrisation: zeros is the identity scale
         d2t = getattr(module, "d2t", None)
+        # relies on transformers tagging loaded tensors `_is_hf_initialized` (private); caught by
+        # tests/test_checkpoint.py's reload tests (a re-initialised d2t or weight changes the outputs)
         if isinstance(module, Clover2PreTrainedModel) and d2t is not None and not getattr(d2t, "_is_hf_initialized", False):
             d2t.copy_(torch.arange(d2t.numel(), device=d2t.device))
 
@@ -219,6 +223,8 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
         layer_cls, norm_cls, rotary_cls = target_architecture_classes(tc.model_type)
         # The augmenting layers support the attention kernels that the target's own layers support
         # (Gemma-2's soft-capping rules out sdpa); transformers checks this during __init__.
+        # relies on <Prefix>PreTrainedModel beside the layer class and its `_supports_sdpa` flag; caught by
+        # tests/test_decoding.py::test_greedy_identical_across_attention_kernels_and_dtypes
         target_base = getattr(importlib.import_module(layer_cls.__module__), f"{SUPPORTED_TARGET_TYPES[tc.model_type]}PreTrainedModel")
         object.__setattr__(self, "_supports_sdpa", target_base._supports_sdpa)
         super().__init__(config)
@@ -418,6 +424,8 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
         Returns:
             [B, S, H] augmented states c_t.
         """
+        # relies on `config._attn_implementation` selecting the layers' attention kernel at call time (private);
+        # caught by tests/test_decoding.py::test_greedy_identical_across_attention_kernels_and_dtypes
         self._augmenting_config._attn_implementation = self.config._attn_implementation
         states = self.input_cell(hidden_states.to(self.fc1.weight.dtype), self.embed(next_input_ids))  # s_t
         if position_ids is None:

@@ -57,6 +57,8 @@ class CpuVerifyLinears:
         # hooks) is left alone, so nothing of anyone else's is overwritten or removed
         self._patched = [m for m in self.modules if "forward" not in m.__dict__]
         for module in self._patched:
+            # an instance attribute shadows nn.Linear.forward (torch's call path); caught by
+            # tests/test_decoding.py::test_cpu_verify_linears_compute_the_same_products_and_are_restored
             module.forward = wide_linear_forward.__get__(module)
 
     def __exit__(self, *exc) -> None:
@@ -65,6 +67,8 @@ class CpuVerifyLinears:
         self._patched = []
 
 
+# read by transformers' sdpa_attention_forward at every call (integrations/sdpa_attention.py); caught by
+# tests/test_decoding.py::test_cpu_masked_gqa_keeps_outputs_sets_the_switch_only_inside_and_respects_the_user
 FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 

@@ -176,7 +176,9 @@ def clover2_tree_decode(
         cache = DynamicCache(config=model.config)
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
         raise ValueError("Clover-2 tree decoding needs a fresh DynamicCache (no static or pre-filled cache).")
-    cache.activate_past_recording()  # sliding-window layers keep their tail until compaction
+    # sliding-window layers keep their tail until compaction (cache_utils); caught by
+    # tests/test_decoding.py::test_lookup_path_deeper_than_the_sliding_window_is_lossless
+    cache.activate_past_recording()
     do_sample = bool(generation_config.do_sample)
     gc = generation_config
     keep_scores = gc.return_dict_in_generate and gc.output_scores
