@@ -17,6 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 from clover2_hf import Clover2ForDrafting, Clover2Stats
 from clover2_hf.generation.tree_step import lookup_continuation
 from clover2_hf.tree import DraftTree, add_path, compact_cache, tree_attention_mask
+from clover2_hf.modeling_clover2 import CACHE_KWARG
 
 MODES = ("tree", "chain")
 LOSSLESS_ARCHS = ("llama", "qwen2", "mistral", "gemma2")
@@ -252,12 +253,12 @@ def test_cache_compaction_matches_linear_recomputation(arch):
     cache = DynamicCache(config=target.config)
     cache.activate_past_recording()
     with torch.no_grad():
-        target(prompt, cache=cache, use_cache=True)
+        target(prompt, use_cache=True, **{CACHE_KWARG: cache})
         past = cache.get_seq_length()
         mask = _target_mask_kwargs(target, cache, tree, past, target.dtype)
         depths = torch.tensor([0, 1, 1, 2, 2, 3])
         tree_out = target(tree.verify_tokens()[None], attention_mask=mask, position_ids=(past + depths)[None],
-                          cache=cache, use_cache=True).logits[0]
+                          use_cache=True, **{CACHE_KWARG: cache}).logits[0]
         path = [0, 2, 4, 5]  # root -> b -> d -> e
         linear_ids = torch.cat([prompt, torch.tensor([[7, 12, 14, 15]])], dim=1)
         linear = target(linear_ids).logits[0]
@@ -265,7 +266,7 @@ def test_cache_compaction_matches_linear_recomputation(arch):
         torch.testing.assert_close(tree_out[path], linear[-4:], atol=1e-5, rtol=1e-5)
         compact_cache(cache, 6, path)
         assert cache.get_seq_length() == linear_ids.shape[1]
-        nxt = target(torch.tensor([[9]]), cache=cache, use_cache=True,
+        nxt = target(torch.tensor([[9]]), use_cache=True, **{CACHE_KWARG: cache},
                      position_ids=torch.tensor([[linear_ids.shape[1]]])).logits[0, -1]
         ref = target(torch.cat([linear_ids, torch.tensor([[9]])], dim=1)).logits[0, -1]
     torch.testing.assert_close(nxt, ref, atol=1e-5, rtol=1e-5)

@@ -40,6 +40,11 @@ class Clover2ChainCandidateGenerator(CandidateGenerator):
     requires_model_outputs = True
     model_kwargs_overrides: dict = {}
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Tokens drafted per step at most (transformers >= 5.25 reads it in assisted decoding)."""
+        return self.draft.config.num_draft_depths
+
     def __init__(self, target, draft: Clover2ForDrafting, generation_config, logits_processor, stats: Clover2Stats):
         self.target = target
         self.draft = draft

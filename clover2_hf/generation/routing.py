@@ -71,6 +71,9 @@ def _generate(self, *args, **kwargs):
     )
 
 
+_generate.clover2_stock_generate = _STOCK_GENERATE  # what the hook wraps (read by hub/remote_generate.py)
+
+
 def _chain_generate(target, draft: Clover2ForDrafting, arguments: dict, stats: Clover2Stats):
     """Stock assisted decoding with `Clover2ChainCandidateGenerator` as this call's candidate generator."""
     stats.mode = "chain"

@@ -40,7 +40,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..modeling_clover2 import Clover2ForDrafting
+from ..modeling_clover2 import CACHE_KWARG, Clover2ForDrafting
 from ..tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_cache, root_only, select_nodes
 from .capture import PreNormCapture
 from .cost_model import TreeSizer, auto_tree_settings, sync_device
@@ -171,7 +171,7 @@ def clover2_tree_decode(
     stats = clover2_stats if clover2_stats is not None else Clover2Stats()
     stats.mode = "tree"
     check_supported(model, input_ids, generation_config, model_kwargs)
-    cache = model_kwargs.get("cache")
+    cache = model_kwargs.get(CACHE_KWARG)
     if cache is None:
         cache = DynamicCache(config=model.config)
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
@@ -200,8 +200,8 @@ def clover2_tree_decode(
         out = model(
             input_ids=input_ids,
             position_ids=torch.arange(input_ids.shape[1], device=device)[None],
-            cache=cache,
             use_cache=True,
+            **{CACHE_KWARG: cache},
             logits_to_keep=1,
         )
         stats.target_forwards += 1
@@ -269,7 +269,7 @@ def clover2_tree_decode(
             if q == 1:  # a plain decoding step, run as plain decoding runs it
                 stats.plain_steps += 1
                 out = model(input_ids=tree_tokens, position_ids=torch.tensor([[past_length]], device=device),
-                            cache=cache, use_cache=True)
+                            use_cache=True, **{CACHE_KWARG: cache})
             else:
                 depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
                 with verify_linears, verify_gqa:
@@ -277,8 +277,8 @@ def clover2_tree_decode(
                         input_ids=tree_tokens,
                         attention_mask=target_mask_kwargs(model, cache, tree, past_length, model.dtype),
                         position_ids=(past_length + depths)[None],
-                        cache=cache,
                         use_cache=True,
+                        **{CACHE_KWARG: cache},
                     )
             stats.target_forwards += 1
             stats.tree_sizes.append(tree.num_nodes)
@@ -334,7 +334,7 @@ def clover2_tree_decode(
             sequences=input_ids,
             scores=tuple(scores) if keep_scores else None,
             logits=tuple(raw_logits) if keep_logits else None,
-            cache=cache,
+            **{CACHE_KWARG: cache},
         )
     return input_ids
 

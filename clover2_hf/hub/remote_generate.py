@@ -44,9 +44,9 @@ def is_clover2_drafter(model) -> bool:
 
 
 def _stock_generate():
-    """`GenerationMixin.generate` as transformers defines it (unwrapping the package's hook if it is installed)."""
+    """`GenerationMixin.generate` as transformers defines it (the package's hook, if installed, names it)."""
     generate = GenerationMixin.generate
-    return getattr(generate, "__wrapped__", generate)
+    return getattr(generate, "clover2_stock_generate", generate)
 
 
 def generate(model, assistant_model=None, clover2_stats=None, **kwargs):

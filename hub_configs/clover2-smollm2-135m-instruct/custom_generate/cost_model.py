@@ -40,6 +40,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ._files import cache_root, write_json_atomic
+from .modeling_clover2 import CACHE_KWARG
 from .tree import DraftTree
 from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
 
@@ -230,7 +231,7 @@ def measure_verify_samples(target, num_tokens: Sequence[int], context_length: in
     ctx = torch.randint(0, vocab, (1, max(context_length, 1)), generator=g).to(device)
     cache = DynamicCache(config=target.config)
     cache.activate_past_recording()
-    target(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
+    target(input_ids=ctx, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
     past = cache.get_seq_length()
     linears, gqa = CpuVerifyLinears(target, enabled=wide_linear, honour_env=False), CpuMaskedGqa(target)
     qs = sorted(set(int(n) for n in num_tokens))
@@ -243,14 +244,14 @@ def measure_verify_samples(target, num_tokens: Sequence[int], context_length: in
 
         def step(tree=tree, tokens=tokens, q=q) -> None:
             if q == 1:
-                target(input_ids=tokens, position_ids=torch.tensor([[past]], device=device), cache=cache,
-                       use_cache=True)
+                target(input_ids=tokens, position_ids=torch.tensor([[past]], device=device),
+                       use_cache=True, **{CACHE_KWARG: cache})
             else:
                 depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
                 mask = target_mask_kwargs(target, cache, tree, past, target.dtype)
                 with linears, gqa:  # as tree decoding runs it
-                    target(input_ids=tokens, attention_mask=mask, position_ids=(past + depths)[None], cache=cache,
-                           use_cache=True)
+                    target(input_ids=tokens, attention_mask=mask, position_ids=(past + depths)[None],
+                           use_cache=True, **{CACHE_KWARG: cache})
             cache.crop(-q)
 
         steps[q] = step

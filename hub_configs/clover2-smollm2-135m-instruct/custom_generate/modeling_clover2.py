@@ -23,6 +23,7 @@ because `save_pretrained` copies it next to the weights for `trust_remote_code=T
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ from transformers.utils import ModelOutput, logging
 from .configuration_clover2 import SUPPORTED_TARGET_TYPES, Clover2Config
 
 logger = logging.get_logger(__name__)
+
+# The KV-cache keyword of transformers' models, decoder layers, `create_causal_mask`, generate's model_kwargs and
+# outputs: `cache` from transformers 5.24, `past_key_values` before. Read from the installed version's signature;
+# caught by the whole suite, which CI runs on the oldest and the newest supported transformers (.ci/run).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 NEEDS_PACKAGE_MESSAGE = (
     "Clover2ForDrafting is not a transformers assistant model: generate(assistant_model=<Clover-2 drafter>) needs "
@@ -435,8 +441,8 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
             config=self._augmenting_config,
             inputs_embeds=states,
             attention_mask=attention_mask,
-            cache=cache,
             position_ids=position_ids,
+            **{CACHE_KWARG: cache},
         )
         position_embeddings = self.rotary_emb(states, position_ids=position_ids)
         for layer in self.augmenting_layers:
@@ -444,8 +450,8 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
                 states,
                 attention_mask=mask,
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=cache is not None,
+                **{CACHE_KWARG: cache},
                 position_embeddings=position_embeddings,
             )
         return self.augmenting_norm(states)
