@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from clover2_hf.tools.recipes import TrainRecipe, load_target, train
+from clover2_hf.tools.recipes import TrainRecipe, train
+from clover2_hf.tools.targets import load_target
 from clover2_hf.tools.selfdistill import generate_answers
 
 HUB = Path(__file__).resolve().parent.parent / "hub_configs" / "clover2-smollm2-135m-instruct"

@@ -55,7 +55,9 @@ def import_edges() -> dict[str, set[tuple[str, bool]]]:
                                    for a in child.names]
                 elif isinstance(child, ast.Import):
                     targets = [a.name for a in child.names if a.name.startswith("clover2_hf")]
-                elif (isinstance(child, ast.Call) and getattr(child.func, "attr", None) == "import_module"
+                elif (isinstance(child, ast.Call)
+                      and (getattr(child.func, "attr", None) or getattr(child.func, "id", None)) in ("import_module",
+                                                                                                 "__import__")
                       and child.args and isinstance(child.args[0], ast.Constant)
                       and str(child.args[0].value).startswith("clover2_hf")):
                     targets = [child.args[0].value]

@@ -199,7 +199,7 @@ def test_explicit_settings_win_and_the_config_is_never_changed(monkeypatch):
     assert auto.adaptive and auto.budget == 64 and auto.source == "device cost model"
     draft.config.tree_budget, draft.config.tree_top_k = 25, 10
     fixed = auto_tree_settings(draft, target)
-    assert (fixed.adaptive, fixed.budget, fixed.top_k, fixed.source) == (False, 25, 10, "caller")
+    assert (fixed.adaptive, fixed.budget, fixed.top_k, fixed.source) == (False, 25, 10, "explicit value")
     before = draft.config.to_dict()
     target.generate(torch.tensor([[5, 6, 7]]), do_sample=False, max_new_tokens=5, assistant_model=draft)
     assert draft.config.to_dict() == before
@@ -216,7 +216,7 @@ def test_generate_keywords_override_the_drafter_defaults_for_one_call(monkeypatc
     got = target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=draft, clover2_stats=stats,
                           tree_budget=3, tree_top_k=2, tree_lookup_tokens=0)
     assert torch.equal(expected, got)
-    assert stats.tree_settings.startswith("tree_budget=3, tree_top_k=2 (from the caller)")
+    assert stats.tree_settings.startswith("tree_budget=3, tree_top_k=2 (explicit values)")
     assert max(stats.tree_sizes) <= 3 and stats.mode == "tree"
     default = Clover2Stats()  # the next call without keywords is back on the drafter's defaults ("auto")
     target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=draft, clover2_stats=default)

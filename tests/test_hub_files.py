@@ -205,6 +205,23 @@ def test_remote_generate_in_package_matches_package_hook(one_thread):
         remote_generate(target, inputs=ids, assistant_model=draft, max_new_tokens=3)
 
 
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_with_the_package_custom_generate_runs_the_package_loop_in_either_mode(tmp_path, one_thread, mode):
+    """generate(custom_generate=<drafter dir>, clover2_decoding=...) with the package installed: the package's own
+    loop of the asked mode runs (the folder's copy is not loaded), and the per-call option is honoured."""
+    from clover2_hf import Clover2Stats
+
+    target = make_tiny_target("llama", peaked=True)
+    draft = Clover2ForDrafting.from_target(target, tree_budget=6, tree_top_k=3)
+    draft.save_pretrained(tmp_path / "draft")
+    ids = torch.randint(3, 160, (1, 7), generator=torch.Generator().manual_seed(2))
+    stats = Clover2Stats()
+    got = target.generate(ids, assistant_model=draft, custom_generate=str(tmp_path / "draft"), trust_remote_code=True,
+                          clover2_decoding=mode, do_sample=False, max_new_tokens=12, clover2_stats=stats)
+    assert torch.equal(got, target.generate(ids, do_sample=False, max_new_tokens=12))
+    assert stats.mode == mode and stats.tokens_per_step and stats.new_tokens == 12
+
+
 # ------------------------------------------------------------------ a fresh virtualenv without the package
 
 VENV_PROMPTS = [

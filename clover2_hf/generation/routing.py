@@ -51,15 +51,15 @@ def _generate(self, *args, **kwargs):
     stats = arguments.pop("clover2_stats", None) or Clover2Stats()
     options = DecodingOptions.resolve(draft.config, pop_decoding_options(arguments))
     check_generate_arguments(arguments)
+    if isinstance(arguments.get("custom_generate"), str):
+        # generate(custom_generate=<drafter dir or repo>, trust_remote_code=True): the drafter's own copy of
+        # this loop, for machines without the package; with the package installed, the package's loops run
+        arguments.pop("custom_generate")
+        arguments.pop("trust_remote_code", None)
     if options.decoding == "chain":
         return _chain_generate(self, draft, arguments, stats)
 
     arguments.pop("assistant_model")
-    if isinstance(arguments.get("custom_generate"), str):
-        # generate(custom_generate=<drafter dir or repo>, trust_remote_code=True): the drafter's own copy of
-        # this loop, for machines without the package; with the package installed, this loop runs instead
-        arguments.pop("custom_generate")
-        arguments.pop("trust_remote_code", None)
     return _STOCK_GENERATE(
         self,
         custom_generate=clover2_tree_decode,

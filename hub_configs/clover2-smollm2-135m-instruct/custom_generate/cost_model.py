@@ -487,7 +487,7 @@ class TreeSettings:
     top_k: int
     budget: int
     adaptive: bool  # the per-step `TreeSizer` picks how much of the tree to verify
-    source: str  # "caller" (explicit values), "tuning file" or "device cost model"
+    source: str  # "explicit value", "tuning file" or "device cost model"
     costs: DeviceCosts | None = None
     wide_linear: bool = False  # run the tree passes' float32 CPU linears as W @ x^T (`CpuVerifyLinears`)
 
@@ -496,7 +496,8 @@ class TreeSettings:
             source = "clover2 tune" if self.costs and self.costs.source == "tune" else "first-use calibration"
             return (f"tree sized per step by the device cost model (up to {self.budget} nodes, top-k {self.top_k}; "
                     f"pass costs from {source})")
-        return f"tree_budget={self.budget}, tree_top_k={self.top_k} (from the {self.source})"
+        origin = "explicit values" if self.source == "explicit value" else f"from the {self.source}"
+        return f"tree_budget={self.budget}, tree_top_k={self.top_k} ({origin})"
 
 
 def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None = None,
@@ -522,7 +523,7 @@ def auto_tree_settings(draft, target, cache_dir: str | os.PathLike[str] | None =
             known = device_costs(target, cache_dir, calibrate=False)
             wide_linear = bool(known and known.wide_linear)
         return TreeSettings(top_k=auto_top_k(budget) if top_k == "auto" else top_k, budget=budget, adaptive=False,
-                            source="tuning file" if record is not None else "caller", wide_linear=wide_linear)
+                            source="tuning file" if record is not None else "explicit value", wide_linear=wide_linear)
     if record is not None:
         # tune's budget caps the tree; the sizer still verifies only the part that pays, at tune's pass costs
         costs, max_nodes, source = device_costs(target, cache_dir, tuned=record), record["tree_budget"], "tuning file"

@@ -11,8 +11,8 @@ runs the same tree decoding as `import clover2_hf; target.generate(**inputs, ass
 transformers loads `custom_generate/generate.py` (`GenerationMixin.load_custom_generate`) and calls
 `generate(model=target, **the generate() arguments)`; this function takes the drafter out of
 `assistant_model=` and hands the copied `clover2_tree_decode` to stock `generate` as its decoding loop,
-exactly as the package's generate hook does for tree mode. Differences from the package path: the drafter's
-config settings are used as they are (no `clover2 tune` results are read), and chain mode
+exactly as the package's generate hook does for tree mode, with the same options (the drafter's defaults,
+per-call keywords, "auto" filled from the cache directory's calibration or tuning record). Chain mode
 (`decoding="chain"`) needs the package.
 
 Inside the package this module is importable too (`clover2_hf.hub.remote_generate.generate`), which is how its
