@@ -24,9 +24,8 @@ from transformers import GenerationMixin
 
 from ..modeling_clover2 import Clover2ForDrafting
 from .chain import Clover2ChainCandidateGenerator
-from .options import DecodingOptions, pop_decoding_options
 from .stats import Clover2Stats
-from .tree_step import check_generate_arguments, clover2_tree_decode
+from .tree_step import prepare_call, run_tree_decoding
 
 __all__ = ["install_generate_hook"]
 
@@ -48,9 +47,7 @@ def _generate(self, *args, **kwargs):
     arguments = dict(bound.arguments)
     arguments.pop("self")
     arguments.update(arguments.pop("kwargs", {}))
-    stats = arguments.pop("clover2_stats", None) or Clover2Stats()
-    options = DecodingOptions.resolve(draft.config, pop_decoding_options(arguments))
-    check_generate_arguments(arguments)
+    stats, options = prepare_call(draft, arguments)
     if isinstance(arguments.get("custom_generate"), str):
         # generate(custom_generate=<drafter dir or repo>, trust_remote_code=True): the drafter's own copy of
         # this loop, for machines without the package; with the package installed, the package's loops run
@@ -60,15 +57,7 @@ def _generate(self, *args, **kwargs):
         return _chain_generate(self, draft, arguments, stats)
 
     arguments.pop("assistant_model")
-    return _STOCK_GENERATE(
-        self,
-        custom_generate=clover2_tree_decode,
-        clover2_draft=draft,
-        clover2_streamer=arguments.get("streamer"),
-        clover2_stats=stats,
-        clover2_options=options,
-        **arguments,
-    )
+    return run_tree_decoding(_STOCK_GENERATE, self, draft, arguments, stats, options)
 
 
 _generate.clover2_stock_generate = _STOCK_GENERATE  # what the hook wraps (read by hub/remote_generate.py)

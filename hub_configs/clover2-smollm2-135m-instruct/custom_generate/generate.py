@@ -23,9 +23,7 @@ from __future__ import annotations
 
 from transformers import GenerationMixin
 
-from .options import DecodingOptions, pop_decoding_options
-from .stats import Clover2Stats
-from .tree_step import check_generate_arguments, clover2_tree_decode
+from .tree_step import prepare_call, run_tree_decoding
 
 INSTALL_HINT = "pip install clover2-hf"
 
@@ -49,7 +47,7 @@ def _stock_generate():
     return getattr(generate, "clover2_stock_generate", generate)
 
 
-def generate(model, assistant_model=None, clover2_stats=None, **kwargs):
+def generate(model, assistant_model=None, **kwargs):
     """`generate(custom_generate=<Clover-2 drafter repo or dir>, assistant_model=<that drafter>, ...)`.
 
     Receives the arguments of `model.generate` (transformers passes them all by keyword, with `model`).
@@ -62,7 +60,7 @@ def generate(model, assistant_model=None, clover2_stats=None, **kwargs):
             "(draft = AutoModel.from_pretrained(<drafter>, trust_remote_code=True)), got "
             f"assistant_model={type(draft).__name__ if draft is not None else None}."
         )
-    options = DecodingOptions.resolve(draft.config, pop_decoding_options(kwargs))
+    stats, options = prepare_call(draft, kwargs)
     if options.decoding != "tree":
         raise ValueError(
             f"Chain decoding (decoding={options.decoding!r}) needs the clover2-hf package ({INSTALL_HINT}; then "
@@ -70,14 +68,4 @@ def generate(model, assistant_model=None, clover2_stats=None, **kwargs):
             "clover2_decoding='tree' to use the Hub path."
         )
     draft.attach_target(model)  # validates hidden size / vocabulary against this target
-    stats = clover2_stats if clover2_stats is not None else Clover2Stats()
-    check_generate_arguments(kwargs)
-    return _stock_generate()(
-        model,
-        custom_generate=clover2_tree_decode,
-        clover2_draft=draft,
-        clover2_streamer=kwargs.get("streamer"),
-        clover2_stats=stats,
-        clover2_options=options,
-        **kwargs,
-    )
+    return run_tree_decoding(_stock_generate(), model, draft, kwargs, stats, options)

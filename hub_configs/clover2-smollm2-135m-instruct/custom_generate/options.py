@@ -21,7 +21,7 @@ ordinary assistant model; see `modeling_clover2.NEEDS_PACKAGE_MESSAGE`.)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 from .configuration_clover2 import check_decoding_options
 
@@ -42,12 +42,13 @@ GENERATE_KWARGS = {
 class DecodingOptions:
     """The options one Clover-2 `generate` call runs with (see the module docstring)."""
 
-    decoding: str = "tree"
-    tree_type: str = "dynamic"
-    tree_budget: int | str = "auto"
-    tree_top_k: int | str = "auto"
-    tree_lookup_tokens: int = 10
-    tree_lookup_ngram: int = 3
+    # no defaults here: the drafter's config is the one place that holds them
+    decoding: str
+    tree_type: str
+    tree_budget: int | str
+    tree_top_k: int | str
+    tree_lookup_tokens: int
+    tree_lookup_ngram: int
 
     def __post_init__(self) -> None:
         check_decoding_options(self)
@@ -55,8 +56,7 @@ class DecodingOptions:
     @classmethod
     def resolve(cls, config, overrides: Mapping[str, object] | None = None) -> DecodingOptions:
         """The drafter config's defaults with `overrides` ({option name: value}) applied; validated."""
-        defaults = cls(**{f.name: getattr(config, f.name, f.default) for f in fields(cls)})
-        return replace(defaults, **dict(overrides or {}))
+        return cls(**{**{f.name: getattr(config, f.name) for f in fields(cls)}, **dict(overrides or {})})
 
 
 def pop_decoding_options(kwargs: dict) -> dict[str, object]:

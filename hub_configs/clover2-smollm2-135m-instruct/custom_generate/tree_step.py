@@ -45,10 +45,10 @@ from .tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_ca
 from .capture import PreNormCapture
 from .cost_model import TreeSizer, auto_tree_settings, sync_device
 from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
-from .options import DecodingOptions
+from .options import DecodingOptions, pop_decoding_options
 from .stats import Clover2Stats
 
-__all__ = ["check_generate_arguments", "check_supported", "choose_token", "clover2_tree_decode", "depth0_logprobs", "grow_tree",
+__all__ = ["check_generate_arguments", "check_supported", "prepare_call", "run_tree_decoding", "choose_token", "clover2_tree_decode", "depth0_logprobs", "grow_tree",
            "lookup_continuation"]
 
 
@@ -75,6 +75,35 @@ def check_generate_arguments(arguments: dict) -> None:
     for unsupported in ("num_beams", "num_return_sequences"):
         if (arguments.get(unsupported) or 1) != 1:
             raise ValueError(f"Clover-2 decoding does not support {unsupported} > 1.")
+
+
+def prepare_call(draft: Clover2ForDrafting, arguments: dict) -> tuple[Clover2Stats, DecodingOptions]:
+    """Take Clover-2's own keywords out of `generate()` arguments and check the rest: (stats, options).
+
+    `arguments`: the keyword arguments of `generate`, changed in place (`clover2_stats=` and the option
+    keywords removed). Shared by the package's generate hook and the Hub entry point.
+    """
+    stats = arguments.pop("clover2_stats", None) or Clover2Stats()
+    options = DecodingOptions.resolve(draft.config, pop_decoding_options(arguments))
+    check_generate_arguments(arguments)
+    return stats, options
+
+
+def run_tree_decoding(stock_generate, target, draft: Clover2ForDrafting, arguments: dict, stats: Clover2Stats,
+                      options: DecodingOptions):
+    """Stock `generate` (`stock_generate`) with `clover2_tree_decode` as its decoding loop.
+
+    Transformers prepares the generation config, logits processors, stopping criteria and cache exactly as for
+    plain decoding and calls the loop with them (its `custom_generate` callable contract)."""
+    return stock_generate(
+        target,
+        custom_generate=clover2_tree_decode,
+        clover2_draft=draft,
+        clover2_streamer=arguments.get("streamer"),
+        clover2_stats=stats,
+        clover2_options=options,
+        **arguments,
+    )
 
 
 def check_supported(target, input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> None:
