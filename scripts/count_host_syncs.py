@@ -18,70 +18,27 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
 from clover2_hf.generation.cost_model import device_costs
 from clover2_hf.tools.bench import encode_chat, load_questions
+from clover2_hf.tools.host_syncs import counting
 from clover2_hf.tools.tune import default_draft_dtype
-
-HOST_COPIES = ("tolist", "cpu", "numpy")
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts dispatched ATen ops (all, and non-view) and scalar reads while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts["ops"] += 1
-        if not func.is_view:
-            self.counts["ops_without_views"] += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.counts["scalar_reads"] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def count_host_copies(counts: collections.Counter):
-    """Counts calls of Tensor.tolist / .cpu / .numpy (restored on exit)."""
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_COPIES}
-
-    def counted(name):
-        original = originals[name]
-
-        def method(self, *args, **kwargs):
-            counts["host_copies"] += 1
-            return original(self, *args, **kwargs)
-
-        return method
-
-    for name in HOST_COPIES:
-        setattr(torch.Tensor, name, counted(name))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def count_call(target, ids: torch.Tensor, max_new_tokens: int, **kwargs) -> dict[str, float]:
     """Counts for one greedy generate call, and its number of target forward passes."""
     forwards = [0]
     handle = target.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-    counter = OpCounter()
     try:
-        with torch.no_grad(), count_host_copies(counter.counts), counter:
+        with torch.no_grad(), counting() as counts:
             out = target.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
     finally:
         handle.remove()
-    return dict(counter.counts, forwards=forwards[0], new_tokens=int(out.shape[1] - ids.shape[1]))
+    return dict(counts, forwards=forwards[0], new_tokens=int(out.shape[1] - ids.shape[1]))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -49,3 +51,15 @@ def train_on_own_outputs(target, steps: int = 150, seqs: int = 24, length: int =
         loss.backward()
         opt.step()
     return draft.eval()
+
+
+@functools.cache
+def trained_pair(arch: str):
+    """(confident tiny target, drafter fitted briefly to its greedy outputs, 8 prompts [8, 4]), built once per
+    test process: paths of several tokens get accepted, so walks, compaction and sizing are exercised."""
+    from conftest import make_tiny_target
+
+    target = make_tiny_target(arch, seed=1, peaked=True)
+    draft = train_on_own_outputs(target, steps=50, seqs=24, length=40, seed=0)
+    prompts = torch.randint(3, target.config.vocab_size, (8, 4), generator=torch.Generator().manual_seed(0))
+    return target, draft, prompts

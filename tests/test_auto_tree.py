@@ -7,17 +7,21 @@ drafter's config are never overwritten.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 from conftest import make_tiny_target
-from drafters import train_on_own_outputs
+from drafters import trained_pair
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats
 from clover2_hf.generation import cost_model
-from clover2_hf.generation.cost_model import DeviceCosts, TreeSizer, auto_tree_settings, device_costs
+from clover2_hf.generation.cost_model import (
+    DeviceCosts,
+    TreeSizer,
+    auto_tree_settings,
+    device_costs,
+)
 from clover2_hf.tree import DraftTree, add_path, root_only, select_nodes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,14 +41,6 @@ def _with_costs(monkeypatch, table: dict[int, float]) -> None:
     """Make every target's cost table `table` (no timing: the choices become deterministic)."""
     monkeypatch.setattr(cost_model, "device_costs",
                         lambda target, cache_dir=None, **kw: DeviceCosts(dict(table), source="given"))
-
-
-@functools.cache
-def trained_pair(arch: str):
-    target = make_tiny_target(arch, seed=1, peaked=True)
-    draft = train_on_own_outputs(target, steps=50, seqs=24, length=40, seed=0)
-    prompts = torch.randint(3, target.config.vocab_size, (8, 4), generator=torch.Generator().manual_seed(0))
-    return target, draft, prompts
 
 
 def _tree(scores: list[float], parents: list[int]) -> DraftTree:

@@ -2,6 +2,7 @@
 
 routing.py      the one hook into transformers' `generate` and the one input check
 tree_step.py    tree decoding (the paper's method): draft a tree, verify it in one pass, walk, compact
+device_step.py  the same step for greedy calls, built and walked on the device (two host reads per step)
 chain.py        chain decoding through transformers' own assisted decoding (a CandidateGenerator)
 cost_model.py   what a verification pass costs on this device, and the per-step tree sizing ("auto")
 cpu_kernels.py  the CPU-only switches used while verifying a tree

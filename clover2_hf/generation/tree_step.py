@@ -11,6 +11,12 @@ is verified like any drafted path, so it changes only how many tokens a step may
 How much of the tree is verified is decided per step by `TreeSizer` when the tree settings are "auto"
 (`cost_model`). The loop is a `generate(custom_generate=...)` callable (routing.py hands it over).
 
+Two walks run this method. Greedy calls with the default stopping criteria and no logits processor take
+`device_step.run_device_greedy`: the tree built, sized and walked with tensor programs on the device,
+two small host reads per step. Every other call (sampling, logits processors, custom stopping criteria,
+returned scores, the static tree) takes `_host_walk` below, which reads the tree to the host and walks
+it token by token with the processed logits. Both emit exactly plain decoding's tokens.
+
 Acceptance, per emitted token, is exactly what plain decoding would do:
 * greedy: follow the child whose token equals the target's (processed) argmax at each node;
 * sampling: draw the target's token x ~ p (processed logits at the node, the same draw plain
@@ -41,10 +47,20 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..modeling_clover2 import CACHE_KWARG, Clover2ForDrafting
-from ..tree import STATIC_TREE_PATHS, DraftTree, add_path, build_tree, compact_cache, root_only, select_nodes
+from ..tree import (
+    STATIC_TREE_PATHS,
+    DraftTree,
+    add_path,
+    build_tree,
+    compact_cache,
+    lookup_continuation,
+    root_only,
+    select_nodes,
+)
 from .capture import PreNormCapture
 from .cost_model import TreeSizer, auto_tree_settings, sync_device
 from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
+from .device_step import device_greedy_supported, run_device_greedy
 from .options import DecodingOptions, pop_decoding_options
 from .stats import Clover2Stats
 
@@ -127,21 +143,6 @@ def check_supported(target, input_ids: torch.Tensor, generation_config, model_kw
 # --------------------------------------------------------------------------- tree mode
 
 
-def lookup_continuation(context: list[int], num_tokens: int, max_ngram: int) -> list[int]:
-    """Prompt-lookup guess: the tokens that followed the latest earlier occurrence of the context's tail.
-
-    Tries the last `max_ngram` tokens first, then shorter tails down to 2 tokens (a single-token match
-    is mostly noise and would cost verification work); returns up to `num_tokens` tokens, or [].
-    """
-    length = len(context)
-    for n in range(min(max_ngram, length - 1), 1, -1):
-        tail = context[-n:]
-        for start in range(length - n - 1, -1, -1):  # latest match first; its continuation is non-empty
-            if context[start : start + n] == tail:
-                return context[start + n : start + n + num_tokens]
-    return []
-
-
 def _expand_fn(draft: Clover2ForDrafting):
     def expand(states: torch.Tensor, draft_ids: torch.Tensor):
         out, new_states = draft.head_step(states, draft.draft_to_target_ids(draft_ids))
@@ -208,150 +209,29 @@ def clover2_tree_decode(
     # sliding-window layers keep their tail until compaction (cache_utils); caught by
     # tests/test_decoding.py::test_lookup_path_deeper_than_the_sliding_window_is_lossless
     cache.activate_past_recording()
-    do_sample = bool(generation_config.do_sample)
     gc = generation_config
     keep_scores = gc.return_dict_in_generate and gc.output_scores
     keep_logits = gc.return_dict_in_generate and gc.output_logits
     scores, raw_logits = [], []
-    static_paths = STATIC_TREE_PATHS if options.tree_type == "static" else None
     settings = auto_tree_settings(draft, model, options=options)  # explicit config values as they are; "auto" resolved
     sizer = TreeSizer.for_pair(draft, model, settings.costs) if settings.adaptive else None
     stats.tree_settings = settings.describe()
-    device = input_ids.device
-    draft_device = draft.fc1.weight.device
     stats.prompt_tokens = input_ids.shape[1]
     t_start = time.perf_counter()
 
     capture = PreNormCapture(model)
     verify_linears, verify_gqa = CpuVerifyLinears(model, enabled=settings.wide_linear), CpuMaskedGqa(model)
     try:
-        # Prefill: the target reads the prompt and picks the first new token itself.
-        out = model(
-            input_ids=input_ids,
-            position_ids=torch.arange(input_ids.shape[1], device=device)[None],
-            use_cache=True,
-            **{CACHE_KWARG: cache},
-            logits_to_keep=1,
-        )
-        stats.target_forwards += 1
-        pending_hidden = capture.hidden  # [1, n, H] pre-norm states whose next token is known
-        raw = out.logits[:, -1].float()  # [1, V]
-        processed = logits_processor(input_ids, raw.clone())
-        token = choose_token(processed, do_sample)  # the target's own token: root of the first tree
-        draft_cache = draft.new_cache()
-        finished = False
-
-        def emit(token: torch.Tensor, processed: torch.Tensor, raw: torch.Tensor) -> bool:
-            """Append one token as plain decoding would; True when a stopping criterion fires."""
-            nonlocal input_ids
-            input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
-            stats.new_tokens += 1
-            if keep_scores:
-                scores.append(processed)
-            if keep_logits:
-                raw_logits.append(raw)
-            if clover2_streamer is not None:
-                clover2_streamer.put(token.cpu())
-            return bool(stopping_criteria(input_ids, processed).any())
-
-        while True:
-            # ---- emit the target's own token (prefill choice or the bonus token of the last pass)
-            if emit(token, processed, raw):
-                break
-
-            # ---- draft: feed verified positions to the augmenting block, then grow the tree
-            sync_device(device)
-            t0 = time.perf_counter()
-            drafting = sizer is None or sizer.should_draft()  # skipped: the drafter reads those positions later
-            tree = None
-            if drafting:
-                n_pending = pending_hidden.shape[1]
-                next_ids = input_ids[:, -n_pending:].to(draft_device)
-                augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
-                pending_hidden = None
-                first = depth0_logprobs(draft, augmented[0, -1])  # [V_draft]
-                # (with a sizer, no tree is grown when not even the drafter's most confident chain could pay)
-                if sizer is None or sizer.worth_growing(first, settings.top_k):
-                    tree = grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget,
-                                      static_paths, first_logprobs=first,
-                                      max_depth=sizer.depth_cap if sizer is not None else None)
-            if tree is None:
-                tree = root_only(int(token), device)
-            num_drafted = tree.num_nodes
-            room = gc.max_length - input_ids.shape[1]  # tokens that can still be emitted
-            if options.tree_lookup_tokens and room > 0:
-                lookup = lookup_continuation(input_ids[0].tolist(), min(options.tree_lookup_tokens, room),
-                                             options.tree_lookup_ngram)
-                tree = add_path(tree, lookup) if lookup else tree
-            if sizer is not None:
-                kept, _ = sizer.choose(tree, num_drafted, drafting)
-                tree = select_nodes(tree, kept)
-                num_drafted = sum(1 for m in kept if m < num_drafted)
-            sync_device(device)
-            t1 = time.perf_counter()
-            stats.draft_time_s += t1 - t0
-
-            # ---- verify the whole tree in one target pass
-            past_length = cache.get_seq_length()
-            q = tree.num_nodes + 1
-            tree_tokens = tree.verify_tokens().to(device)[None]  # [1, q]
-            if q == 1:  # a plain decoding step, run as plain decoding runs it
-                stats.plain_steps += 1
-                out = model(input_ids=tree_tokens, position_ids=torch.tensor([[past_length]], device=device),
-                            use_cache=True, **{CACHE_KWARG: cache})
-            else:
-                depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
-                with verify_linears, verify_gqa:
-                    out = model(
-                        input_ids=tree_tokens,
-                        attention_mask=target_mask_kwargs(model, cache, tree, past_length, model.dtype),
-                        position_ids=(past_length + depths)[None],
-                        use_cache=True,
-                        **{CACHE_KWARG: cache},
-                    )
-            stats.target_forwards += 1
-            stats.tree_sizes.append(tree.num_nodes)
-            tree_hidden = capture.hidden  # [1, q, H]
-            tree_logits = out.logits[0].float()  # [q, V]
-            sync_device(device)
-            t2 = time.perf_counter()
-            stats.verify_time_s += t2 - t1
-            if sizer is not None:
-                sizer.observe_verify(q, t2 - t1)
-
-            # ---- walk the tree: accept children while they equal the target's own choice
-            children = tree.children()
-            node, path = 0, [0]
-            emitted = 0
-            while True:
-                raw = tree_logits[node][None]
-                processed = logits_processor(input_ids, raw.clone())
-                token = choose_token(processed, do_sample)
-                child = children[node].get(int(token))
-                if child is None:
-                    break  # `token` is the bonus token, emitted at the top of the loop
-                emitted += 1
-                if child != next(iter(children[node].values())):
-                    stats.branch_switches += 1
-                if emit(token, processed, raw):
-                    finished = True
-                    stats.stopped_in_path += 1
-                    break
-                node = child
-                path.append(child)
-            stats.accepted_depths.append(emitted)
-            stats.tokens_per_step.append(emitted + (0 if finished else 1))
-            if sizer is not None:
-                sizer.update(tree, num_drafted, [v - 1 for v in path[1:]])
-                sizer.finish_step(drafting, emitted + 1, t2 - t0)
-
-            # ---- keep the accepted path in the target cache; queue its states for the drafter
-            compact_cache(cache, q, path)
-            if finished:
-                break
-            accepted_hidden = tree_hidden[:, path]  # [1, k + 1, H]
-            pending_hidden = (accepted_hidden if pending_hidden is None
-                              else torch.cat([pending_hidden, accepted_hidden], dim=1))
+        stats.walk = "device" if device_greedy_supported(gc, logits_processor, stopping_criteria, options.tree_type) else "host"
+        if stats.walk == "device":
+            input_ids = run_device_greedy(
+                model, draft, input_ids, cache, stopping_criteria, gc, settings=settings, sizer=sizer, options=options,
+                capture=capture, verify_kernels=(verify_linears, verify_gqa), stats=stats, streamer=clover2_streamer)
+        else:
+            input_ids = _host_walk(
+                model, draft, input_ids, cache, logits_processor, stopping_criteria, gc, settings=settings,
+                sizer=sizer, options=options, capture=capture, verify_linears=verify_linears, verify_gqa=verify_gqa,
+                stats=stats, clover2_streamer=clover2_streamer, scores=scores, raw_logits=raw_logits)
     finally:
         capture.remove()
         if clover2_streamer is not None:
@@ -365,6 +245,150 @@ def clover2_tree_decode(
             logits=tuple(raw_logits) if keep_logits else None,
             **{CACHE_KWARG: cache},
         )
+    return input_ids
+
+
+def _host_walk(model, draft: Clover2ForDrafting, input_ids: torch.Tensor, cache, logits_processor, stopping_criteria,
+               generation_config, *, settings, sizer: TreeSizer | None, options: DecodingOptions, capture,
+               verify_linears, verify_gqa, stats: Clover2Stats, clover2_streamer, scores: list, raw_logits: list):
+    """The general tree loop: tree grown, sized and walked on the host (any logits processor, sampling,
+    stopping criterion, returned scores). Returns the new sequence; appends to `scores` / `raw_logits`."""
+    gc = generation_config
+    do_sample = bool(gc.do_sample)
+    keep_scores = gc.return_dict_in_generate and gc.output_scores
+    keep_logits = gc.return_dict_in_generate and gc.output_logits
+    static_paths = STATIC_TREE_PATHS if options.tree_type == "static" else None
+    device = input_ids.device
+    draft_device = draft.fc1.weight.device
+    if sizer is not None:
+        sizer.model.pull_device_counts()  # what earlier device-side greedy calls learnt
+    # Prefill: the target reads the prompt and picks the first new token itself.
+    out = model(
+        input_ids=input_ids,
+        position_ids=torch.arange(input_ids.shape[1], device=device)[None],
+        use_cache=True,
+        **{CACHE_KWARG: cache},
+        logits_to_keep=1,
+    )
+    stats.target_forwards += 1
+    pending_hidden = capture.hidden  # [1, n, H] pre-norm states whose next token is known
+    raw = out.logits[:, -1].float()  # [1, V]
+    processed = logits_processor(input_ids, raw.clone())
+    token = choose_token(processed, do_sample)  # the target's own token: root of the first tree
+    draft_cache = draft.new_cache()
+    finished = False
+
+    def emit(token: torch.Tensor, processed: torch.Tensor, raw: torch.Tensor) -> bool:
+        """Append one token as plain decoding would; True when a stopping criterion fires."""
+        nonlocal input_ids
+        input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
+        stats.new_tokens += 1
+        if keep_scores:
+            scores.append(processed)
+        if keep_logits:
+            raw_logits.append(raw)
+        if clover2_streamer is not None:
+            clover2_streamer.put(token.cpu())
+        return bool(stopping_criteria(input_ids, processed).any())
+
+    while True:
+        # ---- emit the target's own token (prefill choice or the bonus token of the last pass)
+        if emit(token, processed, raw):
+            break
+
+        # ---- draft: feed verified positions to the augmenting block, then grow the tree
+        sync_device(device)
+        t0 = time.perf_counter()
+        drafting = sizer is None or sizer.should_draft()  # skipped: the drafter reads those positions later
+        tree = None
+        if drafting:
+            n_pending = pending_hidden.shape[1]
+            next_ids = input_ids[:, -n_pending:].to(draft_device)
+            augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
+            pending_hidden = None
+            first = depth0_logprobs(draft, augmented[0, -1])  # [V_draft]
+            # (with a sizer, no tree is grown when not even the drafter's most confident chain could pay)
+            if sizer is None or sizer.worth_growing(first, settings.top_k):
+                tree = grow_tree(draft, int(token), augmented[0, -1], settings.top_k, settings.budget,
+                                  static_paths, first_logprobs=first,
+                                  max_depth=sizer.depth_cap if sizer is not None else None)
+        if tree is None:
+            tree = root_only(int(token), device)
+        num_drafted = tree.num_nodes
+        room = gc.max_length - input_ids.shape[1]  # tokens that can still be emitted
+        if options.tree_lookup_tokens and room > 0:
+            lookup = lookup_continuation(input_ids[0].tolist(), min(options.tree_lookup_tokens, room),
+                                         options.tree_lookup_ngram)
+            tree = add_path(tree, lookup) if lookup else tree
+        if sizer is not None:
+            kept, _ = sizer.choose(tree, num_drafted, drafting)
+            tree = select_nodes(tree, kept)
+            num_drafted = sum(1 for m in kept if m < num_drafted)
+        sync_device(device)
+        t1 = time.perf_counter()
+        stats.draft_time_s += t1 - t0
+
+        # ---- verify the whole tree in one target pass
+        past_length = cache.get_seq_length()
+        q = tree.num_nodes + 1
+        tree_tokens = tree.verify_tokens().to(device)[None]  # [1, q]
+        if q == 1:  # a plain decoding step, run as plain decoding runs it
+            stats.plain_steps += 1
+            out = model(input_ids=tree_tokens, position_ids=torch.tensor([[past_length]], device=device),
+                        use_cache=True, **{CACHE_KWARG: cache})
+        else:
+            depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
+            with verify_linears, verify_gqa:
+                out = model(
+                    input_ids=tree_tokens,
+                    attention_mask=target_mask_kwargs(model, cache, tree, past_length, model.dtype),
+                    position_ids=(past_length + depths)[None],
+                    use_cache=True,
+                    **{CACHE_KWARG: cache},
+                )
+        stats.target_forwards += 1
+        stats.tree_sizes.append(tree.num_nodes)
+        tree_hidden = capture.hidden  # [1, q, H]
+        tree_logits = out.logits[0].float()  # [q, V]
+        sync_device(device)
+        t2 = time.perf_counter()
+        stats.verify_time_s += t2 - t1
+        if sizer is not None:
+            sizer.observe_verify(q, t2 - t1)
+
+        # ---- walk the tree: accept children while they equal the target's own choice
+        children = tree.children()
+        node, path = 0, [0]
+        emitted = 0
+        while True:
+            raw = tree_logits[node][None]
+            processed = logits_processor(input_ids, raw.clone())
+            token = choose_token(processed, do_sample)
+            child = children[node].get(int(token))
+            if child is None:
+                break  # `token` is the bonus token, emitted at the top of the loop
+            emitted += 1
+            if child != next(iter(children[node].values())):
+                stats.branch_switches += 1
+            if emit(token, processed, raw):
+                finished = True
+                stats.stopped_in_path += 1
+                break
+            node = child
+            path.append(child)
+        stats.accepted_depths.append(emitted)
+        stats.tokens_per_step.append(emitted + (0 if finished else 1))
+        if sizer is not None:
+            sizer.update(tree, num_drafted, [v - 1 for v in path[1:]])
+            sizer.finish_step(drafting, emitted + 1, t2 - t0)
+
+        # ---- keep the accepted path in the target cache; queue its states for the drafter
+        compact_cache(cache, q, path)
+        if finished:
+            break
+        accepted_hidden = tree_hidden[:, path]  # [1, k + 1, H]
+        pending_hidden = (accepted_hidden if pending_hidden is None
+                          else torch.cat([pending_hidden, accepted_hidden], dim=1))
     return input_ids
 
 

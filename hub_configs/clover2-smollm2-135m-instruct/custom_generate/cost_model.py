@@ -556,14 +556,26 @@ class AcceptanceModel:
     # observed and predicted seconds of 1-token passes and of tree passes
     observed_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
     predicted_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # [2, D + 1] `predicted` / `accepted` (index = depth) as the device-side greedy loop keeps them
+    # (`device_step.DeviceAcceptance`): when set, they are newer than the two lists
+    device_counts: Any = None
 
     def decay(self, factor: float = 0.5) -> None:
         for values in (self.predicted, self.accepted, self.observed_s, self.predicted_s):
             values[:] = [factor * v for v in values]
+        if self.device_counts is not None:
+            self.device_counts.mul_(factor)  # on the device: nothing is read back
         self.lookup_reached *= factor
         self.lookup_accepted *= factor
         self.drafting_gain *= factor
         self.drafting_weight *= factor
+
+    def pull_device_counts(self) -> None:
+        """Make `predicted` / `accepted` current again after device-side calls (one host read)."""
+        if self.device_counts is not None:
+            predicted, accepted = self.device_counts.tolist()
+            self.predicted[:], self.accepted[:] = predicted[1:], accepted[1:]
+            self.device_counts = None
 
     def correction(self, depth: int, prior: float = 2.0) -> float:
         """accepted / predicted at `depth` (1-based), from a prior of 1 worth `prior` predicted nodes."""
@@ -628,12 +640,17 @@ class TreeSizer:
 
     def verify_time(self, q: int) -> float:
         """The table's pass cost for q tokens, times what has been observed against the table."""
+        return self.costs.verify_time(q) * self.time_scales()[0 if q == 1 else 1]
+
+    def time_scales(self) -> tuple[float, float]:
+        """(1-token passes, tree passes): observed over predicted seconds, from a prior of 2 passes' worth."""
         if self.costs.source == "given":
-            return self.costs.verify_time(q)
-        cls = 0 if q == 1 else 1
-        prior = 2.0 * self.costs.verify_time(1 if cls == 0 else 5)
-        scale = (self.model.observed_s[cls] + prior) / (self.model.predicted_s[cls] + prior)
-        return self.costs.verify_time(q) * scale
+            return 1.0, 1.0
+        scales = []
+        for cls, q in ((0, 1), (1, 5)):
+            prior = 2.0 * self.costs.verify_time(q)
+            scales.append((self.model.observed_s[cls] + prior) / (self.model.predicted_s[cls] + prior))
+        return scales[0], scales[1]
 
     def observe_verify(self, q: int, seconds: float) -> None:
         """Record the measured time of a verification pass over q tokens."""
@@ -724,12 +741,18 @@ class TreeSizer:
                 best_b, best_rate = b, rate
         kept = sorted(order[:best_b])
         expected = 1.0 + gain[best_b]
-        if drafted:  # grow one depth beyond what is used: deeper drafting costs head steps and is not verified
-            self.depth_cap = max((depths[m] for m in kept if m < num_drafted), default=0) + 1
-        if drafted and best_b == 0:  # drafting found nothing worth verifying
-            self._back_off()
-        self.history.append(best_b)
+        self.record_choice(best_b, drafted, max((depths[m] for m in kept if m < num_drafted), default=0) + 1)
         return kept, expected
+
+    def record_choice(self, num_nodes: int, drafted: bool, depth_cap: int) -> None:
+        """After a choice of `num_nodes` nodes: the next depth cap (one more than the deepest drafted node
+        kept) and the back-off when drafting found nothing worth verifying. (Shared by `choose` and the
+        device-side choice of `device_step`.)"""
+        if drafted:  # grow one depth beyond what is used: deeper drafting costs head steps and is not verified
+            self.depth_cap = depth_cap
+        if drafted and num_nodes == 0:  # drafting found nothing worth verifying
+            self._back_off()
+        self.history.append(num_nodes)
 
     def _back_off(self) -> None:
         self.backoff = min(max(2 * self.backoff, 1), self.max_backoff)

@@ -25,6 +25,8 @@ class Clover2Stats:
     stopped_in_path: int = 0  # stopping criteria fired on an accepted draft token
     plain_steps: int = 0  # verification passes over the root token alone (tree mode, automatic sizing)
     tree_settings: str = ""  # the tree settings used and where they came from (tree mode)
+    # tree mode: "device" (greedy; tree built, sized and walked on the device, `device_step`) or "host"
+    walk: str = ""
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     total_time_s: float = 0.0

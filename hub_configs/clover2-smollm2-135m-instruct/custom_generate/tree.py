@@ -168,6 +168,21 @@ def build_tree(
     )
 
 
+def lookup_continuation(context: list[int], num_tokens: int, max_ngram: int) -> list[int]:
+    """Prompt-lookup guess: the tokens that followed the latest earlier occurrence of the context's tail.
+
+    Tries the last `max_ngram` tokens first, then shorter tails down to 2 tokens (a single-token match
+    is mostly noise and would cost verification work); returns up to `num_tokens` tokens, or [].
+    """
+    length = len(context)
+    for n in range(min(max_ngram, length - 1), 1, -1):
+        tail = context[-n:]
+        for start in range(length - n - 1, -1, -1):  # latest match first; its continuation is non-empty
+            if context[start : start + n] == tail:
+                return context[start + n : start + n + num_tokens]
+    return []
+
+
 def add_path(tree: DraftTree, path_tokens: Sequence[int]) -> DraftTree:
     """`tree` plus a token path from the root (e.g. a prompt-lookup continuation), merged into it.
 
@@ -255,55 +270,66 @@ def tree_attention_mask(
     dtype: torch.dtype,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Additive float mask [1, 1, M + 1, kv_length] for one target layer type.
+    """Additive float mask [1, 1, M + 1, kv_length] for one target layer type (`ancestor_attention_mask` of
+    the tree's ancestor matrix and depths)."""
+    depths = torch.cat([torch.zeros(1, dtype=torch.long, device=tree.tokens.device), tree.depths.to(tree.tokens.device)])
+    return ancestor_attention_mask(tree.ancestor_matrix(), depths, past_length, kv_length, kv_offset, dtype,
+                                   sliding_window)
 
-    Keys are the layer's visible cached positions `kv_offset .. past_length - 1` followed by the M + 1
-    tree tokens; the tree token at verify index i has absolute position `past_length + depth_i`.
-    A query attends a cached key when within the sliding window (if any), and a tree key when it is
-    itself or an ancestor (and within the window). 0 means attend, `finfo(dtype).min` means blocked:
-    an additive float mask is correct under both eager and sdpa attention (a bool mask is silently
-    wrong under eager).
+
+def ancestor_attention_mask(
+    ancestors: torch.Tensor,
+    depths: torch.Tensor,
+    past_length: int,
+    kv_length: int,
+    kv_offset: int,
+    dtype: torch.dtype,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Additive float mask [1, 1, q, kv_length] for a verification pass over q tree tokens.
+
+    `ancestors` [q, q] bool: (i, j) True when tree token j is i itself or an ancestor of i; `depths` [q]
+    (root 0). Keys are the layer's visible cached positions `kv_offset .. past_length - 1` followed by
+    the q tree tokens; the tree token i has absolute position `past_length + depths[i]`. A query attends a
+    cached key when within the sliding window (if any), and a tree key when it is an ancestor (and within
+    the window). 0 means attend, `finfo(dtype).min` means blocked: an additive float mask is correct under
+    both eager and sdpa attention (a bool mask is silently wrong under eager). Built without host reads.
     """
-    device = tree.tokens.device
-    q = tree.num_nodes + 1
-    depth = torch.cat([torch.zeros(1, dtype=torch.long, device=device), tree.depths.to(device)])
-    query_pos = past_length + depth  # [q]
-    n_ctx = kv_length - q  # cached keys visible to this layer
-    ctx_pos = kv_offset + torch.arange(n_ctx, device=device)
-    allowed_ctx = torch.ones(q, n_ctx, dtype=torch.bool, device=device)
-    allowed_tree = tree.ancestor_matrix()  # [q, q]
+    q = depths.numel()
+    blocked = torch.finfo(dtype).min
+    mask = torch.zeros(q, kv_length, dtype=dtype, device=depths.device)
+    mask[:, kv_length - q :].masked_fill_(~ancestors.to(depths.device), blocked)
     if sliding_window is not None:
-        allowed_ctx &= (query_pos[:, None] - ctx_pos[None, :]) < sliding_window
+        query_pos = past_length + depths  # [q]
+        key_pos = torch.cat([kv_offset + torch.arange(kv_length - q, device=depths.device), query_pos])
         # a path deeper than the window (a long lookup path) must not see its oldest ancestors either
-        allowed_tree &= (query_pos[:, None] - query_pos[None, :]) < sliding_window
-    allowed = torch.cat([allowed_ctx, allowed_tree], dim=1)
-    mask = torch.zeros(q, kv_length, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask.masked_fill_((query_pos[:, None] - key_pos[None, :]) >= sliding_window, blocked)
     return mask[None, None]
 
 
-def compact_cache(cache, num_tree_tokens: int, keep: Sequence[int]) -> None:
+def compact_cache(cache, num_tree_tokens: int, keep: Sequence[int], keep_on_device: torch.Tensor | None = None) -> None:
     """Keep only the verify indices `keep` (ascending, starting with 0) of the last verification pass.
 
     The cache holds the M + 1 tree tokens as its last `num_tree_tokens` entries; their kept K/V are
     moved to the start of that tail and the rest is cropped, so the cache then equals the one a
-    linear pass over the accepted tokens would have produced. Works for dynamic and (past-recording)
-    sliding-window layers.
+    linear pass over the accepted tokens would have produced. Only the entries after the kept prefix
+    that already sits in place move: one `index_select` and one `index_copy_` per layer tensor, indexed by
+    `keep_on_device` (the same indices as a tensor on the cache's device, when the caller has it: no
+    upload). Works for dynamic and (past-recording) sliding-window layers.
     """
     keep = list(keep)
-    moves = keep != list(range(len(keep)))  # False: the kept entries already sit at the start of the tail
-    keep_t = None
+    first_moved = next((i for i, v in enumerate(keep) if v != i), len(keep))
     # writes DynamicCache layers' `keys` / `values` tensors in place and relies on `crop` (cache_utils);
     # caught by tests/test_decoding.py::test_cache_compaction_matches_linear_recomputation (every architecture)
-    for layer in cache.layers if moves else ():
-        keys = getattr(layer, "keys", None)
-        if keys is None or keys.numel() == 0:
-            continue
-        if keep_t is None or keep_t.device != keys.device:
-            keep_t = torch.as_tensor(keep, dtype=torch.long, device=keys.device)
-        start = keys.shape[-2] - num_tree_tokens
-        src = start + keep_t
-        dst = start + torch.arange(len(keep), device=keys.device)
-        layer.keys[..., dst, :] = layer.keys[..., src, :]
-        layer.values[..., dst, :] = layer.values[..., src, :]
+    if first_moved < len(keep):
+        moved = keep_on_device[first_moved:] if keep_on_device is not None else torch.tensor(keep[first_moved:])
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.numel() == 0:
+                continue
+            start = keys.shape[-2] - num_tree_tokens
+            src = moved.to(keys.device) + start
+            dst = torch.arange(start + first_moved, start + len(keep), device=keys.device)
+            layer.keys.index_copy_(-2, dst, layer.keys.index_select(-2, src))
+            layer.values.index_copy_(-2, dst, layer.values.index_select(-2, src))
     cache.crop(-(num_tree_tokens - len(keep)))
