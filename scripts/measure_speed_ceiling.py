@@ -32,21 +32,9 @@ from pathlib import Path
 
 import torch
 
-import clover2_hf.generation.tree_step as decoding
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
 from clover2_hf.tools.bench import encode_chat, load_questions
-
-
-class _Oracle:
-    """Stands in for `decoding.lookup_continuation`: the reference answer's next tokens."""
-
-    def __init__(self) -> None:
-        self.prompt_length = 0
-        self.answer: list[int] = []
-
-    def __call__(self, context: list[int], num_tokens: int, max_ngram: int) -> list[int]:
-        done = len(context) - self.prompt_length
-        return self.answer[done : done + num_tokens]
+from clover2_hf.tools.oracle import OracleLookup
 
 
 def main() -> None:
@@ -68,8 +56,7 @@ def main() -> None:
     target, tokenizer = load_default_target()
     draft = Clover2ForDrafting.from_pretrained(args.draft, dtype=getattr(torch, args.draft_dtype))
     questions = load_questions(args.questions, per_category=args.per_category)
-    oracle = _Oracle()
-    decoding.lookup_continuation = oracle  # the decode loop looks the function up at call time
+    oracle = OracleLookup().__enter__()  # for the rest of this process
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = {"do_sample": False, "pad_token_id": pad, "max_new_tokens": args.max_new_tokens}
 
@@ -95,12 +82,12 @@ def main() -> None:
     tree_sizes: dict[str, list[int]] = {str(n): [] for n in lengths}  # draft nodes per verification pass
     identical = True
     warm = encode_chat(tokenizer, [{"role": "user", "content": "Hello"}])
-    oracle.prompt_length, oracle.answer = warm.shape[1], run(warm, None)[0]
+    oracle.answer_for(warm.shape[1], run(warm, None)[0])
     run(warm, max(lengths))  # warm-up
     for qi, question in enumerate(questions):
         ids = encode_chat(tokenizer, [{"role": "user", "content": question.turns[0]}])
         reference = run(ids, None)[0]
-        oracle.prompt_length, oracle.answer = ids.shape[1], reference
+        oracle.answer_for(ids.shape[1], reference)
         times: dict[str, list[float]] = {"plain": [], **{str(n): [] for n in lengths}}
         for r in range(args.repeats):
             order = [None, *lengths] if (qi + r) % 2 == 0 else [*reversed(lengths), None]

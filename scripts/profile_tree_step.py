@@ -6,12 +6,17 @@ script runs tree decoding once and times each phase of every step by wrapping th
 calls (nothing in the package is changed):
 
   draft.augment      the augmenting block over the newly verified positions
-  draft.grow_tree    head depths + tree build (`decoding.grow_tree`)
-  draft.lookup       the prompt-lookup search and its merge into the tree
+  draft.grow_tree    head depths + candidates (device walk: `device_step.draft_candidates`, lookup merge
+                     included; host walk: `tree_step.grow_tree`)
+  draft.lookup       the prompt-lookup search (and, on the host walk, its merge into the tree)
+  draft.choose       the device walk's choice of nodes (values, order, sizing read, verification order)
   verify.mask        the tree attention mask
   verify.forward     the target's forward passes (prefill included: 1 of the passes)
   accept.compact     keeping the accepted path in the target's KV cache
-  other              everything else in `generate` (tree walk, logits processors, bookkeeping)
+  other              everything else in `generate` (the walk, logits processors, bookkeeping)
+
+Per phase it prints the mean time per target pass and, for drafting phases, the median and 90th
+percentile per call (`--json` writes every call's time).
 
 With `--sync` (default on CUDA) the device is synchronised at every phase boundary, so a phase's time
 includes its own queued kernels (not the next phase's); on CUDA, host-device syncs made inside each
@@ -27,16 +32,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
+import statistics
 import time
 import warnings
 
 import torch
 from transformers import AutoModelForCausalLM
 
+import clover2_hf.generation.device_step as device_step
 import clover2_hf.generation.tree_step as decoding
 from clover2_hf import Clover2ForDrafting, Clover2Stats, load_default_target
 
-PHASES = ("draft.augment", "draft.grow_tree", "draft.lookup", "verify.mask", "verify.forward", "accept.compact")
+PHASES = ("draft.augment", "draft.grow_tree", "draft.lookup", "draft.choose", "verify.mask", "verify.forward",
+          "accept.compact")
 
 
 class _PhaseClock:
@@ -47,6 +56,7 @@ class _PhaseClock:
         self.seconds: collections.Counter[str] = collections.Counter()
         self.calls: collections.Counter[str] = collections.Counter()
         self.syncs: collections.Counter[str] = collections.Counter()
+        self.per_call: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
         self._active: str | None = None
 
     def wrap(self, fn, phase: str):
@@ -66,6 +76,7 @@ class _PhaseClock:
             finally:
                 self._active = None
             self.seconds[phase] += time.perf_counter() - t0
+            self.per_call[phase].append(time.perf_counter() - t0)
             self.calls[phase] += 1
             self.syncs[phase] += sum("synchroniz" in str(w.message) for w in caught)
             for w in caught:
@@ -74,6 +85,27 @@ class _PhaseClock:
             return out
 
         return timed
+
+
+def wrapped_functions() -> dict[tuple[object, str], str]:
+    """(owner, attribute) -> phase, for every function of both walks the clock times."""
+    return {
+        (Clover2ForDrafting, "augment"): "draft.augment",
+        (decoding, "grow_tree"): "draft.grow_tree",
+        (decoding, "lookup_continuation"): "draft.lookup",
+        (decoding, "add_path"): "draft.lookup",
+        (decoding, "target_mask_kwargs"): "verify.mask",
+        (decoding, "compact_cache"): "accept.compact",
+        (device_step, "draft_candidates"): "draft.grow_tree",
+        (device_step, "lookup_continuation"): "draft.lookup",
+        (device_step, "_node_values"): "draft.choose",
+        (device_step, "_best_first"): "draft.choose",
+        (device_step, "_choose"): "draft.choose",
+        (device_step, "_dfs_keys"): "draft.choose",
+        (device_step, "_verified"): "draft.choose",
+        (device_step, "_mask_kwargs"): "verify.mask",
+        (device_step, "compact_cache"): "accept.compact",
+    }
 
 
 def main() -> None:
@@ -88,6 +120,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, help="tree top-k (default: the drafter's config)")
     p.add_argument("--no-sync", action="store_true", help="do not synchronise CUDA at phase boundaries")
     p.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
+    p.add_argument("--json", help="also write the per-phase totals and every call's time (seconds) here")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -108,14 +141,7 @@ def main() -> None:
     ids = ids.to(device)
 
     clock = _PhaseClock(device, sync=not args.no_sync)
-    wrapped = {
-        (Clover2ForDrafting, "augment"): "draft.augment",
-        (decoding, "_grow_tree"): "draft.grow_tree",
-        (decoding, "lookup_continuation"): "draft.lookup",
-        (decoding, "add_path"): "draft.lookup",
-        (decoding, "target_mask_kwargs"): "verify.mask",
-        (decoding, "compact_cache"): "accept.compact",
-    }
+    wrapped = wrapped_functions()
     originals = {key: getattr(*key) for key in wrapped}
     for (owner, name), phase in wrapped.items():
         setattr(owner, name, clock.wrap(originals[(owner, name)], phase))
@@ -135,7 +161,7 @@ def main() -> None:
         return stats
 
     generate(8)  # warm-up
-    clock.seconds.clear(), clock.calls.clear(), clock.syncs.clear()
+    clock.seconds.clear(), clock.calls.clear(), clock.syncs.clear(), clock.per_call.clear()
     if device.type == "cuda" and clock.sync:
         torch.cuda.set_sync_debug_mode("warn")
     t0 = time.perf_counter()
@@ -147,13 +173,20 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), target "
           f"{args.target} {str(dtype).split('.')[-1]}, {stats.tree_settings}, {stats.new_tokens} tokens, {steps} target passes (tau {stats.new_tokens / steps:.2f}), "
           f"mean tree {sum(stats.tree_sizes) / max(len(stats.tree_sizes), 1):.1f} nodes")
-    print(f"{'phase':16s} {'ms/step':>8s} {'calls/step':>10s} {'syncs/step':>10s}")
+    print(f"walk: {stats.walk}")
+    print(f"{'phase':16s} {'ms/step':>8s} {'calls/step':>10s} {'syncs/step':>10s} {'ms/call p50':>11s} {'p90':>6s}")
     for phase in PHASES:
+        calls = sorted(clock.per_call[phase]) or [0.0]
         print(f"{phase:16s} {1000 * clock.seconds[phase] / steps:8.2f} {clock.calls[phase] / steps:10.2f} "
-              f"{clock.syncs[phase] / steps:10.2f}")
+              f"{clock.syncs[phase] / steps:10.2f} {1000 * statistics.median(calls):11.2f} "
+              f"{1000 * calls[int(0.9 * (len(calls) - 1))]:6.2f}")
     other = total - sum(clock.seconds.values())
     print(f"{'other':16s} {1000 * other / steps:8.2f}")
     print(f"{'total':16s} {1000 * total / steps:8.2f}   (syncs counted on CUDA only, inside the phases above)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"walk": stats.walk, "passes": steps, "tokens": stats.new_tokens, "total_s": total,
+                       "phases_s": dict(clock.seconds), "calls_s": dict(clock.per_call)}, f, indent=1)
 
 
 if __name__ == "__main__":

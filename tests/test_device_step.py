@@ -242,3 +242,28 @@ def test_compaction_moves_nothing_when_the_path_is_already_in_place():
 
     assert compact_ops([0, 1, 2]) == 0  # the first-child chain: only the crop (views)
     assert compact_ops([0, 1, 3]) > 0
+
+
+def test_gpu_step_check_runs_its_cpu_smoke_mode(tmp_path, monkeypatch):
+    """scripts/gpu_step_check.py is the one prepared device run of issue 11: its CPU smoke mode must complete."""
+    import sys
+
+    monkeypatch.setenv("CLOVER2_HF_CACHE", str(tmp_path / "cache"))  # its "auto" call calibrates the tiny target
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import gpu_step_check
+    finally:
+        sys.path.pop(0)
+    result = gpu_step_check.main(["--smoke", "--output", str(tmp_path / "smoke.json"), "--threads", "1"])
+    tiny = result["shapes"]["tiny"]
+    assert "error" not in tiny
+    assert tiny["syncs"]["device walk, fixed tree 8/4"]["syncs_per_pass"] <= 2.0
+    assert tiny["syncs"]["device walk, auto"]["walk"] == "device"
+    assert tiny["syncs"]["host walk, fixed tree 8/4"]["syncs_per_pass"] > 2.0
+    assert tiny["phases"]["phases"]["verify.forward"]["ms_per_pass"] > 0
+    rows = tiny["oracle"]
+    assert all(row["identical"] for name, row in rows.items() if "identical" in row)
+    assert rows["clover2 eager, oracle tau 5"]["tau"] >= rows["clover2 eager, oracle tau 2"]["tau"]
+    assert (tmp_path / "smoke.json").exists()

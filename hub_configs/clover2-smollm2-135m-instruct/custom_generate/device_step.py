@@ -370,7 +370,6 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         q_limit = 2 + options.tree_lookup_tokens + settings.top_k + (settings.top_k ** 2) * num_depths
         verify_table = _upload_floats([sizer.costs.verify_time(q) for q in range(1, q_limit + 1)], device)
     draft_cache = draft.new_cache()
-    t_read = time.perf_counter()
 
     # prefill: the target reads the prompt and picks the first new token itself
     out = model(input_ids=input_ids, position_ids=torch.arange(input_ids.shape[1], device=device)[None],
@@ -389,7 +388,7 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         return tok in eos or len(context) >= max_length
 
     while not emit(host_token):
-        t_step = t_read
+        t_step = time.perf_counter()  # the step: drafting, choice, verification and walk (as the host walk times it)
         # ---- draft: feed verified positions to the augmenting block, then grow the candidates
         drafting = sizer is None or sizer.should_draft()
         root_state = None
@@ -420,7 +419,7 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         kept = kept[torch.sort(_dfs_keys(cand)[kept]).indices]  # depth-first verification order
         step = _verified(cand, kept.to(device))
         t_chosen = time.perf_counter()
-        stats.draft_time_s += t_chosen - t_read
+        stats.draft_time_s += t_chosen - t_step
 
         # ---- verify
         past_length = cache.get_seq_length()

@@ -1,0 +1,265 @@
+"""Issue 11's accelerator checks in one call: host syncs, per-phase step times, and the loop's speed at a chosen tau.
+
+    python scripts/gpu_step_check.py --output gpu_step_check.json      # on a CUDA device (< 8 min on one H200)
+    python scripts/gpu_step_check.py --smoke --output smoke.json       # on a CPU, tiny shapes (tests run this)
+
+No download: every target has random weights in a real model's shape (SmolLM2-135M's and Llama-3-8B's,
+bf16 on CUDA), every drafter is `Clover2ForDrafting.from_target` of it (draft vocabulary 8192).
+
+1. syncs: greedy `generate(assistant_model=draft)`; on CUDA under `torch.cuda.set_sync_debug_mode("warn")`
+   (each synchronising call warns once: counted), on a CPU with `clover2_hf.tools.host_syncs.counting`
+   (scalar reads + host copies). Per target pass, for the device walk (fixed tree, then "auto" sizing)
+   and the host walk (the same call returning scores).
+2. phases: `scripts/profile_tree_step.py`'s clock around the device walk (per phase per pass, and the
+   median / 90th percentile of each drafting call), synchronised at phase boundaries.
+3. oracle: per shape, interleaved in one process: plain `generate()` eager; plain `generate()` with a
+   static cache, which transformers compiles on CUDA (its graph-captured baseline); and Clover-2 tree
+   decoding whose lookup path is the target's own answer (`clover2_hf.tools.oracle`), L = tau - 1
+   tokens for tau = 2, 3, 4, 5, eager. Reported: measured tau, ms per pass, and speed-up against each
+   plain baseline; outputs checked identical to plain. Graph-captured Clover-2 (issue 11's static-shape
+   mode) is not built yet: its rows say so.
+
+The JSON is rewritten after every part, so a run cut short keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import profile_tree_step  # noqa: E402
+
+from clover2_hf import Clover2ForDrafting, Clover2Stats  # noqa: E402
+from clover2_hf.tools.host_syncs import counting  # noqa: E402
+from clover2_hf.tools.oracle import OracleLookup  # noqa: E402
+
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
+}
+SMOKE_SHAPE = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, tie_word_embeddings=True)}
+FIXED_TREE = {"tree_budget": 8, "tree_top_k": 4}
+
+
+def build_pair(shape: dict, device: torch.device, dtype: torch.dtype):
+    """A random-weight Llama target of `shape` and a random drafter for it (draft vocabulary <= 8192)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, max_position_embeddings=4096, rms_norm_eps=1e-5, attn_implementation="sdpa")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            target = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    target.generation_config.eos_token_id = None  # random weights: never stop early, every call is full length
+    target.generation_config.pad_token_id = 0
+    draft = Clover2ForDrafting.from_target(target, draft_vocab_size=min(8192, shape["vocab_size"])).eval()
+    return target, draft
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def sync_counter(device: torch.device):
+    """Yields a dict whose "syncs" is filled on exit: CUDA sync-debug warnings, or the CPU proxy's count."""
+    result = {}
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield result
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        result["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+    else:
+        with counting() as counts:
+            yield result
+        result["syncs"] = counts["scalar_reads"] + counts["host_copies"]
+
+
+def check_syncs(target, draft, ids, new_tokens: int) -> dict:
+    device = ids.device
+    rows = {}
+    calls = {
+        "device walk, fixed tree 8/4": dict(FIXED_TREE),
+        "device walk, auto": {},
+        "host walk, fixed tree 8/4": dict(FIXED_TREE, return_dict_in_generate=True, output_scores=True),
+    }
+    for name, kwargs in calls.items():
+        target.generate(ids, do_sample=False, max_new_tokens=4, assistant_model=draft, **kwargs)  # warm-up
+        stats = Clover2Stats()
+        with torch.no_grad(), sync_counter(device) as counted:
+            target.generate(ids, do_sample=False, max_new_tokens=new_tokens, assistant_model=draft,
+                            clover2_stats=stats, **kwargs)
+        rows[name] = {"walk": stats.walk, "passes": stats.target_forwards,
+                      "syncs_per_pass": round(counted["syncs"] / stats.target_forwards, 2)}
+    plain_passes = new_tokens
+    with torch.no_grad(), sync_counter(device) as counted:
+        target.generate(ids, do_sample=False, max_new_tokens=new_tokens)
+    rows["plain"] = {"passes": plain_passes, "syncs_per_pass": round(counted["syncs"] / plain_passes, 2)}
+    return rows
+
+
+def check_phases(target, draft, ids, new_tokens: int) -> dict:
+    device = ids.device
+    clock = profile_tree_step._PhaseClock(device, sync=True)
+    wrapped = {key: phase for key, phase in profile_tree_step.wrapped_functions().items()}
+    originals = {key: getattr(*key) for key in wrapped}
+    forward = target.forward
+    try:
+        for (owner, name), phase in wrapped.items():
+            setattr(owner, name, clock.wrap(originals[(owner, name)], phase))
+        target.forward = clock.wrap(forward, "verify.forward")
+        stats = Clover2Stats()
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            target.generate(ids, do_sample=False, max_new_tokens=new_tokens, assistant_model=draft,
+                            clover2_stats=stats, **FIXED_TREE)
+        synchronize(device)
+        total = time.perf_counter() - t0
+    finally:
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
+        target.forward = forward
+    passes = stats.target_forwards
+    phases = {}
+    for phase in profile_tree_step.PHASES:
+        calls = sorted(clock.per_call[phase]) or [0.0]
+        phases[phase] = {"ms_per_pass": round(1000 * clock.seconds[phase] / passes, 3),
+                         "ms_per_call_p50": round(1000 * statistics.median(calls), 3),
+                         "ms_per_call_p90": round(1000 * calls[int(0.9 * (len(calls) - 1))], 3)}
+    phases["other"] = {"ms_per_pass": round(1000 * (total - sum(clock.seconds.values())) / passes, 3)}
+    return {"walk": stats.walk, "passes": passes, "tau": round(stats.new_tokens / passes, 3),
+            "ms_per_pass": round(1000 * total / passes, 3), "phases": phases}
+
+
+def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats: int) -> dict:
+    device = ids.device
+    reference = target.generate(ids, do_sample=False, max_new_tokens=new_tokens)
+    answer = reference[0, ids.shape[1]:].tolist()
+    methods = {"plain eager": None}
+    compiled = device.type == "cuda"
+    if compiled:
+        methods["plain compiled (static cache)"] = "compiled"
+    for tau in taus:
+        methods[f"clover2 eager, oracle tau {tau}"] = tau
+
+    def run(method) -> tuple[float, bool, Clover2Stats | None]:
+        kwargs, stats = {}, None
+        if method == "compiled":
+            kwargs = {"cache_implementation": "static"}
+        elif method is not None:
+            stats = Clover2Stats()
+            kwargs = dict(FIXED_TREE, assistant_model=draft, clover2_stats=stats, tree_lookup_tokens=method - 1)
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = target.generate(ids, do_sample=False, max_new_tokens=new_tokens, **kwargs)
+        synchronize(device)
+        return time.perf_counter() - t0, torch.equal(out, reference), stats
+
+    times = {name: [] for name in methods}
+    rows = {}
+    with OracleLookup() as oracle:
+        oracle.answer_for(ids.shape[1], answer)
+        for name, method in methods.items():  # warm-up (and compilation)
+            run(method)
+        for r in range(repeats):
+            order = list(methods.items()) if r % 2 == 0 else list(reversed(methods.items()))
+            for name, method in order:
+                seconds, identical, stats = run(method)
+                times[name].append(seconds)
+                row = rows.setdefault(name, {"identical": True})
+                row["identical"] &= identical
+                if stats is not None:
+                    row.update(tau=round(stats.new_tokens / stats.target_forwards, 3), walk=stats.walk,
+                               mean_tree_nodes=round(statistics.mean(stats.tree_sizes), 2))
+    plain = statistics.median(times["plain eager"])
+    plain_compiled = statistics.median(times["plain compiled (static cache)"]) if compiled else None
+    for name, row in rows.items():
+        seconds = statistics.median(times[name])
+        row["ms_per_token"] = round(1000 * seconds / new_tokens, 3)
+        row["speedup_vs_plain_eager"] = round(plain / seconds, 3)
+        if plain_compiled is not None:
+            row["speedup_vs_plain_compiled"] = round(plain_compiled / seconds, 3)
+    rows["clover2 graph-captured (static-shape mode)"] = {"status": "not built yet (issue 11, item 3)"}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens (a CPU check of this script)")
+    p.add_argument("--output", default="gpu_step_check.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default=None, help="comma-separated: smollm2-135m,llama3-8b (default both)")
+    p.add_argument("--taus", default="2,3,4,5")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens per call (default 128; smoke 12)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 3; smoke 1)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = SMOKE_SHAPE if args.smoke else {k: SHAPES[k] for k in (args.shapes or ",".join(SHAPES)).split(",")}
+    new_tokens = args.new_tokens or (12 if args.smoke else 128)
+    repeats = args.repeats or (1 if args.smoke else 3)
+    taus = [int(t) for t in args.taus.split(",")]
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
+              "repeats": repeats, "shapes": {}}
+    output = Path(args.output)
+
+    def save() -> None:
+        output.write_text(json.dumps(result, indent=2) + "\n")
+
+    t_start = time.perf_counter()
+    for shape_name, shape in shapes.items():
+        entry = result["shapes"].setdefault(shape_name, {})
+        try:
+            target, draft = build_pair(shape, device, dtype)
+            ids = torch.randint(3, shape["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
+            parts = {"syncs": (check_syncs, ()), "phases": (check_phases, ()), "oracle": (oracle_speeds, (taus, repeats))}
+            for part, (fn, extra) in parts.items():
+                t0 = time.perf_counter()
+                entry[part] = fn(target, draft, ids, new_tokens, *extra)
+                entry[f"{part}_seconds"] = round(time.perf_counter() - t0, 1)
+                print(f"[{time.perf_counter() - t_start:6.0f} s] {shape_name} {part}: "
+                      f"{json.dumps(entry[part])[:400]}", flush=True)
+                save()
+            del target, draft
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception:  # keep the other shapes' results
+            entry["error"] = traceback.format_exc(limit=4)
+            print(entry["error"], flush=True)
+            save()
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    return result
+
+
+if __name__ == "__main__":
+    main()
