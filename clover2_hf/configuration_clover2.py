@@ -56,7 +56,7 @@ class Clover2Config(PreTrainedConfig):
             verification stays exact. `None` drafts over the target's full vocabulary.
         base_model_name_or_path (`str`, *optional*):
             Hub id or path of the target the drafter was trained for (informative; used in model cards).
-        decoding, tree_type, tree_budget, tree_top_k, tree_lookup_tokens, tree_lookup_ngram:
+        decoding, tree_type, tree_budget, tree_top_k, tree_lookup_tokens, tree_lookup_ngram, static_shapes:
             The drafter's DEFAULT decoding options, saved with it; one `generate()` call overrides any of
             them with a keyword of the same name (`clover2_decoding=` for `decoding`), and nothing a call
             does changes them (`clover2_hf.generation.options`).
@@ -81,6 +81,12 @@ class Clover2Config(PreTrainedConfig):
             output is unchanged (every token is still the target's). 0 = off.
         tree_lookup_ngram (`int`, defaults to 3):
             Longest context tail (in tokens) searched by the lookup path.
+        static_shapes (`bool`, defaults to `False`):
+            Greedy tree mode: run every drafting step with the same tensor shapes (the augmenting block over
+            a fixed number of positions with a preallocated KV buffer, every draft depth grown, the lookup path
+            padded to `tree_lookup_tokens`, a fixed number of nodes verified), so that the step can be
+            captured as a graph (`clover2_hf.generation.static_step`). A `"auto"` budget is then fixed to
+            the device cost model's largest useful tree. Needs greedy decoding without logits processors.
         initializer_range (`float`, defaults to 0.02):
             Std of the normal init of weights that are not initialised from the target.
         init_noise (`float`, defaults to 0.01):
@@ -104,6 +110,7 @@ class Clover2Config(PreTrainedConfig):
     tree_top_k: int | Literal["auto"] = "auto"
     tree_lookup_tokens: int = 10
     tree_lookup_ngram: int = 3
+    static_shapes: bool = False
     initializer_range: float = 0.02
     init_noise: float = 0.01
     tie_word_embeddings: bool = False
@@ -166,6 +173,8 @@ def check_decoding_options(options) -> None:
             _check_int(name, getattr(options, name), 1, also='or "auto"')
     _check_int("tree_lookup_tokens", options.tree_lookup_tokens, 0)
     _check_int("tree_lookup_ngram", options.tree_lookup_ngram, 2)
+    if not isinstance(options.static_shapes, bool):
+        raise ValueError(f"static_shapes must be True or False, got {options.static_shapes!r}")
 
 
 Clover2Config.register_for_auto_class()

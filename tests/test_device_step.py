@@ -190,6 +190,13 @@ def test_greedy_device_walk_stays_within_two_host_reads_per_pass(monkeypatch, gi
     assert stats.walk == "host" and per_pass > 2.0
 
 
+class _FakeAcceptance:
+    max_depth = 5
+
+    def corrections(self):
+        return torch.ones(self.max_depth + 1)
+
+
 def test_candidates_ancestors_lookup_chain_and_depth_first_order():
     target, draft = random_pair("llama")
     torch.manual_seed(0)
@@ -208,6 +215,9 @@ def test_candidates_ancestors_lookup_chain_and_depth_first_order():
     assert int(cand.parents[n_pool + 2]) == node and int(cand.parents[n_pool + 3]) == n_pool + 2
     assert int(cand.depths[n_pool + 2]) == 3 and int(cand.depths[n_pool + 3]) == 4
     assert set(cand.on_lookup.nonzero().flatten().tolist()) == {parent, node, n_pool + 2, n_pool + 3}
+    # dead nodes come after every live node, in both orders (fixed tree: scores; "auto": probabilities)
+    for values in (device_step._node_values(cand, None, 0.0), device_step._node_values(cand, _FakeAcceptance(), 0.5)):
+        assert values[cand.dead].max() < values[~cand.dead].min()
     # every live node's ancestor row is its parent chain
     for i in range(cand.size):
         if cand.dead[i]:

@@ -4,9 +4,10 @@ Transformers keeps an assistant model's speculation settings (`num_assistant_tok
 assistant and lets a `generate()` call override them. Clover-2 does the same:
 
 * the drafter's config holds its defaults (`decoding`, `tree_type`, `tree_budget`, `tree_top_k`,
-  `tree_lookup_tokens`, `tree_lookup_ngram`), saved and loaded with it;
-* a call overrides any of them with keywords of the same name (`decoding` is spelled
-  `clover2_decoding`, the bare word being too generic for `generate()`)::
+  `tree_lookup_tokens`, `tree_lookup_ngram`, `static_shapes`), saved and loaded with it;
+* a call overrides any of them with keywords of the same name (`decoding` and `static_shapes` are
+  spelled `clover2_decoding` and `clover2_static_shapes`, the bare words being too generic for
+  `generate()`)::
 
       target.generate(**inputs, assistant_model=draft, tree_budget=8, tree_top_k=4)
 
@@ -35,6 +36,7 @@ GENERATE_KWARGS = {
     "tree_top_k": "tree_top_k",
     "tree_lookup_tokens": "tree_lookup_tokens",
     "tree_lookup_ngram": "tree_lookup_ngram",
+    "clover2_static_shapes": "static_shapes",
 }
 
 
@@ -49,6 +51,7 @@ class DecodingOptions:
     tree_top_k: int | str
     tree_lookup_tokens: int
     tree_lookup_ngram: int
+    static_shapes: bool
 
     def __post_init__(self) -> None:
         check_decoding_options(self)

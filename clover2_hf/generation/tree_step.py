@@ -39,6 +39,7 @@ architectures fail if either changes).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -62,6 +63,7 @@ from .cost_model import TreeSizer, auto_tree_settings, sync_device
 from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
 from .device_step import device_greedy_supported, run_device_greedy
 from .options import DecodingOptions, pop_decoding_options
+from .static_step import StaticDrafting
 from .stats import Clover2Stats
 
 __all__ = ["check_generate_arguments", "check_supported", "prepare_call", "run_tree_decoding", "choose_token", "clover2_tree_decode", "depth0_logprobs", "grow_tree",
@@ -214,19 +216,28 @@ def clover2_tree_decode(
     keep_logits = gc.return_dict_in_generate and gc.output_logits
     scores, raw_logits = [], []
     settings = auto_tree_settings(draft, model, options=options)  # explicit config values as they are; "auto" resolved
+    walk = "device" if device_greedy_supported(gc, logits_processor, stopping_criteria, options.tree_type) else "host"
+    static = None
+    if options.static_shapes:
+        if walk != "device":
+            raise ValueError("clover2_static_shapes=True needs greedy decoding with the dynamic tree, no logits "
+                             "processor, no custom stopping criteria and no returned scores or logits.")
+        if settings.adaptive:  # a fixed shape: the largest tree the device cost model would verify
+            settings = dataclasses.replace(settings, adaptive=False)
+        static = StaticDrafting(draft, settings.top_k, settings.budget, options.tree_lookup_tokens, gc.max_length)
     sizer = TreeSizer.for_pair(draft, model, settings.costs) if settings.adaptive else None
-    stats.tree_settings = settings.describe()
+    stats.tree_settings = settings.describe() + (", static shapes" if static is not None else "")
     stats.prompt_tokens = input_ids.shape[1]
     t_start = time.perf_counter()
 
     capture = PreNormCapture(model)
     verify_linears, verify_gqa = CpuVerifyLinears(model, enabled=settings.wide_linear), CpuMaskedGqa(model)
     try:
-        stats.walk = "device" if device_greedy_supported(gc, logits_processor, stopping_criteria, options.tree_type) else "host"
-        if stats.walk == "device":
+        stats.walk = walk
+        if walk == "device":
             input_ids = run_device_greedy(
                 model, draft, input_ids, cache, stopping_criteria, gc, settings=settings, sizer=sizer, options=options,
-                capture=capture, verify_kernels=(verify_linears, verify_gqa), stats=stats, streamer=clover2_streamer)
+                capture=capture, verify_kernels=(verify_linears, verify_gqa), stats=stats, streamer=clover2_streamer, static=static)
         else:
             input_ids = _host_walk(
                 model, draft, input_ids, cache, logits_processor, stopping_criteria, gc, settings=settings,

@@ -50,7 +50,8 @@ from .modeling_clover2 import CACHE_KWARG, Clover2ForDrafting
 from .tree import ancestor_attention_mask, compact_cache, lookup_continuation
 from .cost_model import TreeSizer
 
-__all__ = ["Candidates", "DeviceAcceptance", "device_greedy_supported", "draft_candidates", "run_device_greedy"]
+__all__ = ["Candidates", "DeviceAcceptance", "Walk", "device_greedy_supported", "draft_candidates", "run_device_greedy",
+           "walk_on_device"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -142,11 +143,14 @@ class Candidates:
 
 
 def draft_candidates(draft: Clover2ForDrafting, root_token: torch.Tensor, root_state: torch.Tensor | None,
-                     top_k: int, depths: int, lookup: list[int]) -> Candidates:
+                     top_k: int, depths: int, lookup: list[int] | torch.Tensor,
+                     lookup_length: torch.Tensor | None = None) -> Candidates:
     """The candidate pool of one step (see the module docstring, step 1).
 
     root_token: [1] the last verified token (device); root_state: [H] c_t, or None to draft nothing (a step
-    with the lookup chain only); depths: depths to grow (>= 1); lookup: the prompt-lookup tokens (host)."""
+    with the lookup chain only); depths: depths to grow (>= 1); lookup: the prompt-lookup tokens (a host
+    list, or a device tensor [L] whose first `lookup_length` ([1] device tensor) entries are the tokens:
+    the fixed-shape form of `static_step`)."""
     device = root_token.device
     tokens, parents, dep, scores, ranks = [root_token], [torch.zeros(1, dtype=torch.long, device=device)], \
         [torch.zeros(1, dtype=torch.long, device=device)], [torch.zeros(1, device=device)], \
@@ -197,25 +201,28 @@ def draft_candidates(draft: Clover2ForDrafting, root_token: torch.Tensor, root_s
     cand = Candidates(tokens, parents, dep, scores, ranks, anc, drafted, on_lookup=torch.zeros_like(drafted),
                       dead=torch.zeros_like(drafted), num_drafted=num_drafted, num_lookup=0, max_rank=max(k - 1, 0),
                       depths_grown=grown)
-    return _with_lookup(cand, lookup) if lookup else cand
+    if isinstance(lookup, torch.Tensor):
+        return _with_lookup(cand, lookup, lookup_length) if lookup.numel() else cand
+    return _with_lookup(cand, _upload(lookup, device), None) if lookup else cand
 
 
-def _with_lookup(cand: Candidates, lookup: list[int]) -> Candidates:
-    """`cand` plus the lookup chain: node j (depth j + 1) hangs from the deepest pool node on the chain's
-    prefix when j is that node's depth, else from chain node j - 1; the chain nodes above it are dead."""
+def _with_lookup(cand: Candidates, chain: torch.Tensor, chain_length: torch.Tensor | None) -> Candidates:
+    """`cand` plus the lookup chain [L]: node j (depth j + 1) hangs from the deepest pool node on the chain's
+    prefix when j is that node's depth, else from chain node j - 1; the chain nodes above it are dead, and
+    so are those at or beyond `chain_length` (padding)."""
     device = cand.tokens.device
-    n_pool, length = cand.size, len(lookup)
-    chain = _upload(lookup, device)  # [L]
+    n_pool, length = cand.size, chain.numel()
+    valid = chain_length if chain_length is not None else length  # [1] tensor or int
     j = torch.arange(length, device=device)
     # a pool node matches when its token is the chain's token at its depth, and so do all its ancestors
     depth_index = (cand.depths - 1).clamp(0, length - 1)
-    matches = (cand.tokens == chain[depth_index]) & (cand.depths <= length)
+    matches = (cand.tokens == chain[depth_index]) & (cand.depths <= valid)
     matches[0] = True
     on_prefix = ~(cand.ancestors & ~matches[None]).any(1)  # [n_pool]
     # (one-element index tensors throughout: indexing with a 0-d tensor would read it on the host)
     hang = torch.argmax(cand.depths * on_prefix).reshape(1)  # the deepest matching node (0: the root)
     hang_depth = cand.depths[hang]  # [1]
-    alive = j >= hang_depth  # [L]
+    alive = (j >= hang_depth) & (j < valid)  # [L]
     chain_index = n_pool + j
     chain_parents = torch.where(j == hang_depth, hang, chain_index - 1)
     # ancestors: the hanging node's, then the live chain nodes up to j
@@ -270,7 +277,7 @@ class DeviceAcceptance:
 
 
 def _node_values(cand: Candidates, acceptance: DeviceAcceptance | None, lookup_rate: float) -> torch.Tensor:
-    """[n] the order in which nodes are kept (higher first; ties: shallower first). Root: +inf; dead: -1.
+    """[n] the order in which nodes are kept (higher first; ties: shallower first). Root: +inf; dead: -inf.
 
     Fixed tree (`acceptance` None): the lookup path, then the draft scores. `"auto"`: the predicted
     acceptance probabilities of `TreeSizer.node_probabilities`, capped by every ancestor's."""
@@ -283,7 +290,7 @@ def _node_values(cand: Candidates, acceptance: DeviceAcceptance | None, lookup_r
         probs[0] = torch.inf
         # capped by every ancestor's value, so that the best-first prefix is always a tree
         values = torch.where(cand.ancestors, probs[None], torch.inf).amin(1)
-    values = torch.where(cand.dead, -1.0, values)
+    values = torch.where(cand.dead, -torch.inf, values)  # after every live node, whatever its score
     values[0] = torch.inf
     return values
 
@@ -351,15 +358,49 @@ def _mask_kwargs(target, cache, step: _Step, past_length: int, dtype: torch.dtyp
     return mask_for(0, window)
 
 
+@dataclass
+class Walk:
+    """The accepted path of one verified step, found on the device.
+
+    packet [5 + 2q]: accepted draft tokens a, the bonus token, accepted nodes that were not first children,
+    lookup-only nodes reached and accepted, then the verified tokens and verify indices ordered path
+    first (root, the a accepted nodes, then the rest): what the host reads. bonus [1] the target's token
+    after the path; on_path [q] bool; path_index [q] verify indices, path first."""
+
+    packet: torch.Tensor
+    bonus: torch.Tensor
+    on_path: torch.Tensor
+    path_index: torch.Tensor
+    accepted: torch.Tensor  # [1]
+
+
+def walk_on_device(logits: torch.Tensor, step: _Step, cand: Candidates) -> Walk:
+    """The deepest verified node whose every node on the path equals the target's argmax at its parent
+    (`logits` [q, V] of the verification pass): the path the host walk follows, without host reads."""
+    argmax = logits.argmax(-1)  # [q]
+    ok = step.tokens == argmax[step.parents]
+    ok[0] = True
+    best = torch.argmax(step.depths * ~(step.ancestors & ~ok[None]).any(1)).reshape(1)  # [1]
+    on_path = step.ancestors[best][0]  # [q]
+    path_index = torch.sort((~on_path).to(torch.uint8), stable=True).indices  # the path first, in order
+    switches = ((cand.ranks[step.index] > 0) & on_path).sum()
+    lookup_only = cand.on_lookup[step.index] & ~cand.drafted[step.index]
+    reached = lookup_only & on_path[step.parents]  # lookup tokens whose parent was accepted
+    packet = torch.cat([step.depths[best], argmax[best], torch.stack([switches, reached.sum(), (reached & on_path).sum()]),
+                        step.tokens[path_index], path_index])
+    return Walk(packet=packet, bonus=argmax[best], on_path=on_path, path_index=path_index, accepted=step.depths[best])
+
+
 def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor, cache, stopping_criteria,
                       generation_config, *, settings, sizer: TreeSizer | None, options, capture, verify_kernels, stats,
-                      streamer) -> torch.Tensor:
+                      streamer, static=None) -> torch.Tensor:
     """The greedy tree loop of this module (after `clover2_tree_decode`'s checks and set-up): the new sequence.
 
     `settings`: the call's `TreeSettings`; `sizer`: the `TreeSizer` when sizing per step; `verify_kernels`: the
-    context managers the tree passes run under. Host reads per call: the prompt and the prefill's token,
-    then per step the choice (step 2 of the module docstring; not for a fixed tree, nor when the sizer
-    skips drafting) and the walk's result."""
+    context managers the tree passes run under; `static`: a `static_step.StaticDrafting` for fixed-shape
+    drafting steps (with a fixed tree). Host reads per call: the prompt and the prefill's token, then per
+    step the choice (step 2 of the module docstring; not for a fixed tree, nor when the sizer skips
+    drafting) and the walk's result."""
     device, draft_device = input_ids.device, draft.fc1.weight.device
     max_length, eos = _host_stopping(stopping_criteria, generation_config)
     context = input_ids[0].tolist()  # the host's copy of the sequence (lookup, stopping)
@@ -379,6 +420,8 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
     token = out.logits[0, -1].argmax().reshape(1)  # [1] on the device
     sequence = torch.cat([input_ids[0], token])  # [length] on the device
     host_token = token.tolist()[0]
+    if static is not None:
+        static.begin(pending_hidden.to(draft_device), sequence[1:][None].to(draft_device))
 
     def emit(tok: int) -> bool:
         context.append(tok)
@@ -389,35 +432,25 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
 
     while not emit(host_token):
         t_step = time.perf_counter()  # the step: drafting, choice, verification and walk (as the host walk times it)
-        # ---- draft: feed verified positions to the augmenting block, then grow the candidates
+        # ---- draft: feed verified positions to the augmenting block, grow the candidates, choose the tree
         drafting = sizer is None or sizer.should_draft()
-        root_state = None
-        if drafting:
-            next_ids = sequence[-pending_hidden.shape[1] :]  # the token after each pending position
-            augmented = draft.augment(pending_hidden.to(draft_device), next_ids[None].to(draft_device),
-                                      cache=draft_cache)  # [1, n, H]
-            pending_hidden = None
-            root_state = augmented[0, -1]
         room = max_length - len(context)
         lookup = (lookup_continuation(context, min(options.tree_lookup_tokens, room), options.tree_lookup_ngram)
                   if options.tree_lookup_tokens and room > 0 else [])
-        depths = min(num_depths, max(settings.budget, 1), sizer.depth_cap if sizer is not None else num_depths)
-        cand = draft_candidates(draft, token.to(draft_device), root_state, settings.top_k, depths, lookup)
-        values = _node_values(cand, acceptance, sizer.lookup_rate if sizer is not None else 0.0)
-        order = _best_first(values, cand.depths)  # [n], root first
-        if sizer is None:  # a fixed tree: the budget's best drafted nodes, plus the lookup tokens
-            # (where lookup tokens repeat drafted nodes, the next-best drafted nodes take their places)
-            b = min(settings.budget, cand.num_drafted - (cand.depths_grown if lookup else 0)) + len(lookup)
-        elif drafting:
-            b, depth_cap = _choose(cand, values, order, sizer, verify_table, min(settings.budget + len(lookup),
-                                                                                 cand.size - 1))
-            sizer.record_choice(b, drafting, depth_cap)
-        else:  # only the lookup chain: its values rho^d are known on the host
-            b = _choose_chain(sizer, len(lookup))
-            sizer.record_choice(b, drafting, 0)
-        kept = order[1 : b + 1]
-        kept = kept[torch.sort(_dfs_keys(cand)[kept]).indices]  # depth-first verification order
-        step = _verified(cand, kept.to(device))
+        if static is not None:
+            step, cand = static.draft_step(token.to(draft_device), lookup)
+        else:
+            root_state = None
+            if drafting:
+                next_ids = sequence[-pending_hidden.shape[1] :]  # the token after each pending position
+                augmented = draft.augment(pending_hidden.to(draft_device), next_ids[None].to(draft_device),
+                                          cache=draft_cache)  # [1, n, H]
+                pending_hidden = None
+                root_state = augmented[0, -1]
+            step, cand = _choose_tree(draft, token.to(draft_device), root_state, lookup, settings, sizer, acceptance,
+                                      verify_table, drafting)
+        if draft_device != device:
+            step = _Step(*(t.to(device) for t in (step.index, step.tokens, step.depths, step.ancestors, step.parents)))
         t_chosen = time.perf_counter()
         stats.draft_time_s += t_chosen - t_step
 
@@ -436,20 +469,10 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         stats.tree_sizes.append(step.q - 1)
         tree_hidden = capture.hidden  # [1, q, H]
 
-        # ---- walk on the device: the deepest node whose whole path is the target's own choice
-        argmax = out.logits[0].argmax(-1)  # [q]
-        ok = step.tokens == argmax[step.parents]
-        ok[0] = True
-        best = torch.argmax(step.depths * ~(step.ancestors & ~ok[None]).any(1)).reshape(1)  # [1]
-        on_path = step.ancestors[best][0]  # [q]
-        path_index = torch.sort((~on_path).to(torch.uint8), stable=True).indices  # the path first, in order
-        switches = ((cand.ranks[step.index] > 0) & on_path).sum()
-        lookup_only = cand.on_lookup[step.index] & ~cand.drafted[step.index]
-        reached = lookup_only & on_path[step.parents]  # lookup tokens whose parent was accepted
-        packet = torch.cat([step.depths[best], argmax[best], torch.stack([switches, reached.sum(),
-                            (reached & on_path).sum()]), step.tokens[path_index], path_index])
+        walk = walk_on_device(out.logits[0], step, cand)
+        packet = walk.packet
         if acceptance is not None:
-            _learn(acceptance, cand, step, on_path)
+            _learn(acceptance, cand, step, walk.on_path)
         head = packet.tolist()  # the step's transfer to the host
         t_read = time.perf_counter()
         stats.verify_time_s += t_read - t_chosen
@@ -476,13 +499,40 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         compact_cache(cache, step.q, path, path_device)
         if finished:
             break
-        token = argmax[best]
+        token = walk.bonus
         sequence = torch.cat([sequence, token])
         host_token = host_bonus
+        if static is not None:
+            static.accept(tree_hidden.to(draft_device), step, walk)
+            continue
         accepted_hidden = tree_hidden[:, path_device]  # [1, accepted + 1, H]
         pending_hidden = (accepted_hidden if pending_hidden is None
                           else torch.cat([pending_hidden, accepted_hidden], dim=1))
     return sequence[None]
+
+
+def _choose_tree(draft: Clover2ForDrafting, root_token: torch.Tensor, root_state: torch.Tensor | None,
+                 lookup: list[int], settings, sizer: TreeSizer | None, acceptance: DeviceAcceptance | None,
+                 verify_table: torch.Tensor | None, drafting: bool) -> tuple[_Step, Candidates]:
+    """Steps 1-2 of the module docstring: the candidates and the verified tree chosen from them."""
+    num_depths = draft.config.num_draft_depths
+    depths = min(num_depths, max(settings.budget, 1), sizer.depth_cap if sizer is not None else num_depths)
+    cand = draft_candidates(draft, root_token, root_state, settings.top_k, depths, lookup)
+    values = _node_values(cand, acceptance, sizer.lookup_rate if sizer is not None else 0.0)
+    order = _best_first(values, cand.depths)  # [n], root first
+    if sizer is None:  # a fixed tree: the budget's best drafted nodes, plus the lookup tokens
+        # (where lookup tokens repeat drafted nodes, the next-best drafted nodes take their places)
+        b = min(settings.budget, cand.num_drafted - (cand.depths_grown if lookup else 0)) + len(lookup)
+    elif drafting:
+        b, depth_cap = _choose(cand, values, order, sizer, verify_table, min(settings.budget + len(lookup),
+                                                                             cand.size - 1))
+        sizer.record_choice(b, drafting, depth_cap)
+    else:  # only the lookup chain: its values rho^d are known on the host
+        b = _choose_chain(sizer, len(lookup))
+        sizer.record_choice(b, drafting, 0)
+    kept = order[1 : b + 1]
+    kept = kept[torch.sort(_dfs_keys(cand)[kept]).indices]  # depth-first verification order
+    return _verified(cand, kept), cand
 
 
 def _choose(cand: Candidates, values: torch.Tensor, order: torch.Tensor, sizer: TreeSizer,

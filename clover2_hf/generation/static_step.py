@@ -1,0 +1,164 @@
+"""The greedy drafting step with the same tensor shapes at every step, so it can be captured as a graph.
+
+`device_step` already builds, sizes and walks the tree without host reads, but its shapes change from
+step to step: the augmenting block reads as many new positions as the last step accepted, its KV cache
+grows, the lookup chain has the length of the latest match, and the sizer verifies a different number
+of nodes. A captured graph (CUDA graphs, `torch.compile(mode="reduce-overhead")`) replays one shape.
+With `static_shapes=True` (a decoding option) the drafting step is instead:
+
+* the augmenting block over A = 1 + (draft depths + lookup tokens) positions every step, the accepted
+  ones first and garbage after them, written into a preallocated KV buffer (`DraftKV`) at positions
+  start .. start + A - 1 under an explicit causal mask; the next step starts where the accepted ones
+  end, so the garbage is overwritten before anything may attend to it;
+* every draft depth grown, the lookup chain padded to `tree_lookup_tokens` (padding nodes are dead);
+* a fixed tree of min(budget, P - D - L) + L nodes verified (P pool nodes, D depths, L lookup tokens), so
+  the verification pass has a constant width too.
+
+`static_draft_step` is that step, from the padded inputs to the verified tree: no host reads, no
+data-dependent Python control flow (tests/test_static_step.py checks that its (op, shape) sequence does not
+change over 20 steps of different acceptance lengths, and that `torch._dynamo.explain` finds no graph
+break). The target's own verification still runs on its `DynamicCache` (its width is constant; its
+context grows), and decoding runs the step eagerly: capturing it is left to the caller's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..modeling_clover2 import CACHE_KWARG, Clover2ForDrafting
+from .device_step import (
+    _best_first,
+    _dfs_keys,
+    _node_values,
+    _Step,
+    _verified,
+    draft_candidates,
+)
+
+__all__ = ["DraftKV", "StaticDrafting", "augment_static", "static_draft_step", "static_node_count"]
+
+
+class DraftKV:
+    """A preallocated KV buffer for the augmenting block, written at explicit positions.
+
+    keys / values [layers, 1, kv_heads, max_length, head_dim]. Before each pass, `positions` ([A] device
+    tensor) says where the pass's A entries go. It offers the one method transformers' attention layers
+    call on a cache, `update(key_states, value_states, layer_idx, ...)` -> the layer's whole buffer (the
+    contract of `Cache.update`; tests/test_static_step.py's identity tests fail if the layers stop
+    calling it or need more of the cache)."""
+
+    def __init__(self, draft: Clover2ForDrafting, max_length: int) -> None:
+        config = draft._augmenting_config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        shape = (draft.config.num_augmenting_layers, 1, kv_heads, max_length, head_dim)
+        weight = draft.fc1.weight
+        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.zeros_like(self.keys)
+        self.positions: torch.Tensor | None = None
+        self.max_length = max_length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.positions, key_states.to(self.keys.dtype))
+        self.values[layer_idx].index_copy_(2, self.positions, value_states.to(self.values.dtype))
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def augment_static(draft: Clover2ForDrafting, kv: DraftKV, hidden: torch.Tensor, next_ids: torch.Tensor,
+                   start: torch.Tensor) -> torch.Tensor:
+    """`Clover2ForDrafting.augment` over A positions at start .. start + A - 1 ([1] device tensor) of `kv`.
+
+    hidden [1, A, H] pre-norm target states; next_ids [1, A] the token after each. Returns [1, A, H] c_t."""
+    draft._augmenting_config._attn_implementation = draft.config._attn_implementation  # as `augment` does
+    width = hidden.shape[1]
+    states = draft.input_cell(hidden.to(draft.fc1.weight.dtype), draft.embed(next_ids))
+    positions = start + torch.arange(width, device=start.device)  # [A]
+    kv.positions = positions
+    slots = torch.arange(kv.max_length, device=start.device)
+    mask = torch.zeros(width, kv.max_length, dtype=states.dtype, device=states.device)
+    mask = mask.masked_fill(slots[None, :] > positions[:, None], torch.finfo(states.dtype).min)[None, None]
+    position_embeddings = draft.rotary_emb(states, position_ids=positions[None])
+    for layer in draft.augmenting_layers:
+        states = layer(states, attention_mask=mask, position_ids=positions[None], use_cache=True,
+                       **{CACHE_KWARG: kv}, position_embeddings=position_embeddings)
+    return draft.augmenting_norm(states)
+
+
+def static_node_count(draft: Clover2ForDrafting, top_k: int, budget: int, lookup_tokens: int) -> int:
+    """Nodes every static step verifies: min(budget, P - D - L) + L (always <= the live candidates)."""
+    depths = min(draft.config.num_draft_depths, budget)
+    pool = top_k + (depths - 1) * top_k * top_k
+    return max(min(budget, pool - depths - lookup_tokens), 0) + lookup_tokens
+
+
+def static_draft_step(draft: Clover2ForDrafting, kv: DraftKV, hidden: torch.Tensor, next_ids: torch.Tensor,
+                      start: torch.Tensor, last: torch.Tensor, root_token: torch.Tensor, chain: torch.Tensor,
+                      chain_length: torch.Tensor, top_k: int, budget: int):
+    """One drafting step with fixed shapes: (verified tree `_Step`, its `Candidates`).
+
+    hidden [1, A, H] / next_ids [1, A]: the accepted positions first, then padding; start [1]: the KV
+    position of the first; last [1]: the index of the last accepted one (its c_t is the root's state);
+    root_token [1]; chain [L] lookup tokens, the first chain_length [1] of them real."""
+    augmented = augment_static(draft, kv, hidden, next_ids, start)  # [1, A, H]
+    root_state = augmented[0].index_select(0, last)[0]  # [H]
+    depths = min(draft.config.num_draft_depths, budget)
+    cand = draft_candidates(draft, root_token, root_state, top_k, depths, chain, chain_length)
+    order = _best_first(_node_values(cand, None, 0.0), cand.depths)
+    kept = order[1 : static_node_count(draft, top_k, budget, chain.numel()) + 1]
+    kept = kept[torch.sort(_dfs_keys(cand)[kept]).indices]  # depth-first verification order
+    return _verified(cand, kept), cand
+
+
+
+
+class StaticDrafting:
+    """The drafter's side of a `static_shapes` call: its KV buffer and the padded inputs of the next step.
+
+    Used by `device_step.run_device_greedy`: `begin` with the prompt's states after the prefill, then per
+    step `draft` (the verified tree) and, after the walk, `accept` (the next step's inputs, on the device)."""
+
+    def __init__(self, draft: Clover2ForDrafting, top_k: int, budget: int, lookup_tokens: int,
+                 max_length: int) -> None:
+        self.draft, self.top_k, self.budget, self.lookup_tokens = draft, top_k, budget, lookup_tokens
+        self.width = 1 + min(draft.config.num_draft_depths, budget) + lookup_tokens  # A
+        self.kv = DraftKV(draft, max_length + max(self.width, 1))
+        device = draft.fc1.weight.device
+        self.start = torch.zeros(1, dtype=torch.long, device=device)
+        self.hidden = self.next_ids = self.last = None
+
+    @property
+    def num_nodes(self) -> int:
+        return static_node_count(self.draft, self.top_k, self.budget, self.lookup_tokens)
+
+    def begin(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """The prompt's positions (the first step reads them all: one step of another width)."""
+        self.hidden, self.next_ids = hidden, next_ids
+        self.last = torch.full((1,), hidden.shape[1] - 1, dtype=torch.long, device=self.start.device)
+
+    def draft_step(self, root_token: torch.Tensor, lookup: list[int]):
+        """(verified tree, candidates) of this step; `lookup` padded to `lookup_tokens` (pinned, non-blocking)."""
+        chain = torch.zeros(self.lookup_tokens, dtype=torch.long)
+        chain[: len(lookup)] = torch.tensor(lookup, dtype=torch.long)
+        length = torch.tensor([len(lookup)], dtype=torch.long)
+        device = self.start.device
+        if device.type == "cuda":
+            chain, length = chain.pin_memory().to(device, non_blocking=True), length.pin_memory().to(device, non_blocking=True)
+        else:
+            chain, length = chain.to(device), length.to(device)
+        return static_draft_step(self.draft, self.kv, self.hidden, self.next_ids, self.start, self.last, root_token,
+                                 chain, length, self.top_k, self.budget)
+
+    def accept(self, tree_hidden: torch.Tensor, step: _Step, walk) -> None:
+        """The next step's padded inputs: the accepted path's states and the token after each (device ops)."""
+        index = walk.path_index  # [q] path first
+        if index.numel() < self.width:
+            index = torch.cat([index, index.new_zeros(self.width - index.numel())])
+        index = index[: self.width]
+        tokens = step.tokens[index]  # [A], the root's first
+        after = torch.cat([tokens[1:], tokens[:1]])  # the token after each position (the wrap-around is padding)
+        slot = torch.arange(self.width, device=index.device)
+        self.next_ids = torch.where(slot == walk.accepted, walk.bonus, after)[None]
+        self.hidden = tree_hidden[:, index]
+        self.start = self.start + self.last + 1
+        self.last = walk.accepted
