@@ -15,9 +15,10 @@ bf16 on CUDA), every drafter is `Clover2ForDrafting.from_target` of it (draft vo
 3. oracle: per shape, interleaved in one process: plain `generate()` eager; plain `generate()` with a
    static cache, which transformers compiles on CUDA (its graph-captured baseline); and Clover-2 tree
    decoding whose lookup path is the target's own answer (`clover2_hf.tools.oracle`), L = tau - 1
-   tokens for tau = 2, 3, 4, 5, eager. Reported: measured tau, ms per pass, and speed-up against each
-   plain baseline; outputs checked identical to plain. Graph-captured Clover-2 (issue 11's static-shape
-   mode) is not built yet: its rows say so.
+   tokens for tau = 2, 3, 4, 5, eager, with and without static shapes; then (CUDA) static shapes with the
+   drafting step under `torch.compile(mode="reduce-overhead")`. Reported: measured tau, ms per token,
+   and speed-up against each plain baseline; outputs checked identical to plain. A graph-captured
+   verification pass (the target on a StaticCache) is not built yet: its row says so.
 
 The JSON is rewritten after every part, so a run cut short keeps what it finished.
 """
@@ -165,15 +166,18 @@ def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats:
     if compiled:
         methods["plain compiled (static cache)"] = "compiled"
     for tau in taus:
-        methods[f"clover2 eager, oracle tau {tau}"] = tau
+        methods[f"clover2 eager, oracle tau {tau}"] = (tau, False)
+        methods[f"clover2 static shapes eager, oracle tau {tau}"] = (tau, True)
 
     def run(method) -> tuple[float, bool, Clover2Stats | None]:
         kwargs, stats = {}, None
         if method == "compiled":
             kwargs = {"cache_implementation": "static"}
         elif method is not None:
+            tau, static = method
             stats = Clover2Stats()
-            kwargs = dict(FIXED_TREE, assistant_model=draft, clover2_stats=stats, tree_lookup_tokens=method - 1)
+            kwargs = dict(FIXED_TREE, assistant_model=draft, clover2_stats=stats, tree_lookup_tokens=tau - 1,
+                          clover2_static_shapes=static)
         synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -205,8 +209,47 @@ def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats:
         row["speedup_vs_plain_eager"] = round(plain / seconds, 3)
         if plain_compiled is not None:
             row["speedup_vs_plain_compiled"] = round(plain_compiled / seconds, 3)
-    rows["clover2 graph-captured (static-shape mode)"] = {"status": "not built yet (issue 11, item 3)"}
+    rows["clover2 graph-captured verification"] = {"status": "not built yet (issue 11, item 3: the target on a "
+                                                             "StaticCache)"}
+    if compiled:
+        rows["clover2 static shapes, drafting step compiled (reduce-overhead)"] = compiled_drafting_row(
+            target, draft, ids, new_tokens, reference, max(taus), repeats, plain, plain_compiled)
     return rows
+
+
+def compiled_drafting_row(target, draft, ids, new_tokens, reference, tau, repeats, plain, plain_compiled) -> dict:
+    """Static-shape decoding with `static_draft_step` under `torch.compile(mode="reduce-overhead")` (CUDA
+    graphs): does it compile, stay exact, and how fast is it at the largest tau."""
+    from clover2_hf.generation import static_step
+
+    eager_step = static_step.static_draft_step
+    row = {}
+    try:
+        static_step.static_draft_step = torch.compile(eager_step, mode="reduce-overhead")
+        kwargs = dict(FIXED_TREE, assistant_model=draft, tree_lookup_tokens=tau - 1, clover2_static_shapes=True)
+        t0 = time.perf_counter()
+        target.generate(ids, do_sample=False, max_new_tokens=new_tokens, **kwargs)  # compiles
+        row["compile_seconds"] = round(time.perf_counter() - t0, 1)
+        times, identical = [], True
+        for _ in range(repeats):
+            stats = Clover2Stats()
+            synchronize(ids.device)
+            t0 = time.perf_counter()
+            out = target.generate(ids, do_sample=False, max_new_tokens=new_tokens, clover2_stats=stats, **kwargs)
+            synchronize(ids.device)
+            times.append(time.perf_counter() - t0)
+            identical &= torch.equal(out, reference)
+        seconds = statistics.median(times)
+        row.update(identical=identical, tau=round(stats.new_tokens / stats.target_forwards, 3),
+                   ms_per_token=round(1000 * seconds / new_tokens, 3),
+                   speedup_vs_plain_eager=round(plain / seconds, 3),
+                   speedup_vs_plain_compiled=round(plain_compiled / seconds, 3),
+                   draft_ms_per_pass=round(1000 * stats.draft_time_s / stats.target_forwards, 3))
+    except Exception:
+        row["error"] = traceback.format_exc(limit=3)
+    finally:
+        static_step.static_draft_step = eager_step
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -217,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shapes", default=None, help="comma-separated: smollm2-135m,llama3-8b (default both)")
     p.add_argument("--taus", default="2,3,4,5")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per call (default 128; smoke 12)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 3; smoke 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 2; smoke 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -225,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = SMOKE_SHAPE if args.smoke else {k: SHAPES[k] for k in (args.shapes or ",".join(SHAPES)).split(",")}
     new_tokens = args.new_tokens or (12 if args.smoke else 128)
-    repeats = args.repeats or (1 if args.smoke else 3)
+    repeats = args.repeats or (1 if args.smoke else 2)
     taus = [int(t) for t in args.taus.split(",")]
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
