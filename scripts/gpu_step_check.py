@@ -37,7 +37,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -47,13 +46,9 @@ import profile_tree_step  # noqa: E402
 from clover2_hf import Clover2ForDrafting, Clover2Stats  # noqa: E402
 from clover2_hf.tools.host_syncs import counting  # noqa: E402
 from clover2_hf.tools.oracle import OracleLookup  # noqa: E402
+from clover2_hf.tools.targets import RANDOM_SHAPES, random_target  # noqa: E402
 
-SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
-}
+SHAPES = RANDOM_SHAPES
 SMOKE_SHAPE = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, tie_word_embeddings=True)}
 FIXED_TREE = {"tree_budget": 8, "tree_top_k": 4}
@@ -61,17 +56,7 @@ FIXED_TREE = {"tree_budget": 8, "tree_top_k": 4}
 
 def build_pair(shape: dict, device: torch.device, dtype: torch.dtype):
     """A random-weight Llama target of `shape` and a random drafter for it (draft vocabulary <= 8192)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(**shape, max_position_embeddings=4096, rms_norm_eps=1e-5, attn_implementation="sdpa")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            target = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    target.generation_config.eos_token_id = None  # random weights: never stop early, every call is full length
-    target.generation_config.pad_token_id = 0
+    target = random_target(shape, device, dtype)
     draft = Clover2ForDrafting.from_target(target, draft_vocab_size=min(8192, shape["vocab_size"])).eval()
     return target, draft
 

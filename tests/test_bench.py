@@ -14,6 +14,7 @@ from clover2_hf.tools import bench
 from clover2_hf.tools.bench import (
     BASELINE,
     METHODS,
+    OVERALL,
     Question,
     QuestionFileError,
     RunRecord,
@@ -249,3 +250,25 @@ def test_per_category_keeps_the_first_questions_of_each_category():
     categories = [q.category for q in questions]
     assert len(questions) == 16 and all(categories.count(c) == 2 for c in set(categories))
     assert len(load_questions(per_category=2, num_questions=5)) == 5
+
+
+def test_oracle_and_static_cache_methods_stay_exact_and_reach_their_tau(models):
+    target, tokenizer, draft, _ = models
+    methods = ["plain-static", "clover2-oracle-tau2", "clover2-oracle-tau4"]
+    out = run_benchmark(target, tokenizer, draft, three_categories()[:2], methods, max_new_tokens=24, warmup=False,
+                        progress=False)
+    overall = {m: out.summary[m][OVERALL] for m in methods}
+    assert all(row["identical"] for row in overall.values())
+    # an oracle of N - 1 tokens per step: N tokens per pass, except where an answer's last pass is cut short
+    assert overall["clover2-oracle-tau2"]["mean_accept_length"] >= 1.8
+    assert overall["clover2-oracle-tau4"]["mean_accept_length"] >= 2.7
+    assert overall["clover2-oracle-tau4"]["tau"] > overall["clover2-oracle-tau2"]["tau"]
+    assert overall["plain-static"]["tau"] == pytest.approx(1.0)
+
+
+def test_cli_random_target_refuses_a_second_target(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--random-target", "smollm2-135m", "--target", "some/model", "--methods", "plain-static"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "clover2 bench: --random-target: cannot be combined with --target"

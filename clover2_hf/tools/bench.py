@@ -9,7 +9,12 @@ machine state:
 * ``"clover2-tree-nolookup"``: the same with `tree_lookup_tokens = 0`: the drafter's tree alone;
 * ``"clover2-chain"``: Clover-2 top-1 chain through transformers' assisted decoding (`"chain"`);
 * ``"prompt-lookup"``: transformers' prompt lookup decoding (`prompt_lookup_num_tokens=`);
-* ``"assisted"``: transformers' assisted generation with a smaller model sharing the tokenizer.
+* ``"assisted"``: transformers' assisted generation with a smaller model sharing the tokenizer;
+* ``"plain-static"``: plain `generate()` with a static cache (`cache_implementation="static"`), which
+  transformers compiles on CUDA: the graph-captured baseline a graph-captured method must beat;
+* ``"clover2-oracle-tauN"`` (N >= 2): Clover-2 tree decoding whose lookup path is the target's own
+  plain answer, N - 1 tokens per step (`clover2_hf.tools.oracle`): the loop's speed at tau ~N whatever
+  the drafter's quality, e.g. on a target with random weights (`clover2 bench --random-target`).
 
 A warm-up generation of every method comes first (not recorded). The order of plain and the methods
 alternates from one question to the next (and from one repeat to the next), so slow drifts of the
@@ -51,6 +56,7 @@ import torch
 
 from ..generation.cost_model import auto_tree_settings, sync_device
 from ..generation.stats import Clover2Stats
+from .oracle import OracleLookup
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +82,9 @@ CLOVER2_METHODS = {
     "clover2-tree-nolookup": {"clover2_decoding": "tree", "tree_lookup_tokens": 0},
     "clover2-chain": {"clover2_decoding": "chain"},
 }
-METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup", "assisted")
+METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup", "assisted", "plain-static",
+           "clover2-oracle-tau2", "clover2-oracle-tau3", "clover2-oracle-tau4", "clover2-oracle-tau5")
+ORACLE_PREFIX = "clover2-oracle-tau"
 DEFAULT_METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup")
 OVERALL = "overall"
 _WARMUP_TOKENS = 8
@@ -310,7 +318,7 @@ def _write_figures(result: BenchResult, output_dir: Path) -> dict[str, Path]:
     ax.legend()
     save(fig, "speedup")
 
-    clover = [m for m in methods if m in CLOVER2_METHODS]
+    clover = [m for m in methods if m.startswith("clover2-")]
     steps = {m: [n for r in result.records if r.method == m for n in r.tokens_per_step] for m in clover}
     steps = {m: v for m, v in steps.items() if v}
     if steps:
@@ -410,20 +418,41 @@ class _Runner:
         self.device = target.device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.common = {"do_sample": False, "pad_token_id": pad}
+        self._reference: tuple[tuple, list[int]] | None = None  # the last prompt's plain answer (oracle methods)
+
+    def reference(self, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Plain greedy answer to `ids` (untimed; kept for the prompt's other oracle runs)."""
+        key = (tuple(ids[0].tolist()), max_new_tokens)
+        if self._reference is None or self._reference[0] != key:
+            with torch.no_grad():
+                out = self.target.generate(ids, **self.common, max_new_tokens=max_new_tokens,
+                                           attention_mask=torch.ones_like(ids))
+            self._reference = (key, out[0, ids.shape[1]:].tolist())
+        return self._reference[1]
 
     def __call__(self, method: str, ids: torch.Tensor, max_new_tokens: int) -> _Run:
         kwargs: dict[str, Any] = dict(self.common, max_new_tokens=max_new_tokens,
                                       attention_mask=torch.ones_like(ids))
         stats = None
+        oracle = contextlib.nullcontext()
         if method in CLOVER2_METHODS:
             stats = Clover2Stats()
             kwargs.update(CLOVER2_METHODS[method], assistant_model=self.draft, clover2_stats=stats)
+        elif method.startswith(ORACLE_PREFIX):
+            stats = Clover2Stats()
+            tau = int(method.removeprefix(ORACLE_PREFIX))
+            kwargs.update(assistant_model=self.draft, clover2_stats=stats, clover2_decoding="tree",
+                          tree_lookup_tokens=tau - 1)
+            oracle = OracleLookup()
+            oracle.answer_for(ids.shape[1], self.reference(ids, max_new_tokens))
+        elif method == "plain-static":
+            kwargs.update(cache_implementation="static")
         elif method == "prompt-lookup":
             kwargs.update(prompt_lookup_num_tokens=self.prompt_lookup_num_tokens)
         elif method == "assisted":
             kwargs.update(assistant_model=self.assistant)
         timing = _time_forwards(self.assistant, self.device) if method == "assisted" else contextlib.nullcontext([None])
-        with torch.no_grad(), _count_forwards(self.target) as forwards, timing as assistant_time:
+        with torch.no_grad(), _count_forwards(self.target) as forwards, timing as assistant_time, oracle:
             sync_device(self.device)
             t0 = time.perf_counter()
             out = self.target.generate(ids, **kwargs)
@@ -431,7 +460,7 @@ class _Runner:
             elapsed = time.perf_counter() - t0
         if stats is not None:
             draft_time = stats.draft_time_s
-        elif method == BASELINE:
+        elif method in (BASELINE, "plain-static"):
             draft_time = 0.0
         else:
             draft_time = assistant_time[0]
@@ -477,7 +506,7 @@ def run_benchmark(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if any(m in CLOVER2_METHODS for m in methods) and draft is None:
+    if any(m.startswith("clover2-") for m in methods) and draft is None:
         raise ValueError("the clover2-* methods need a Clover-2 drafter (draft=...)")
     if "assisted" in methods and assistant_model is None:
         raise ValueError("the 'assisted' method needs a smaller same-tokenizer model (assistant_model=...)")
@@ -606,7 +635,7 @@ def summarize(records: Sequence[RunRecord], methods: Sequence[str]) -> dict[str,
                 "new_tokens": new_tokens,
                 "mean_new_tokens": new_tokens / len(group),
                 "tau": new_tokens / max(sum(r.target_forwards for r in group), 1),
-                "mean_accept_length": sum(passes) / len(passes) if method in CLOVER2_METHODS and passes else None,
+                "mean_accept_length": sum(passes) / len(passes) if method.startswith("clover2-") and passes else None,
                 "median_tokens_per_s": tps,
                 "speedup": tps / base_tps if base_tps > 0 else 0.0,
                 "speedup_paired": statistics.median(paired) if paired else 0.0,

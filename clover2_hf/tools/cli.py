@@ -317,8 +317,14 @@ def _bench_parser(sub) -> None:
     p.add_argument("--both-turns", action="store_true", help="also run turn 2 (its prompt holds the turn-1 answer)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens generated per answer")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of clover2-tree,clover2-tree-nolookup,clover2-chain,prompt-lookup,assisted "
-                        "(default: all but assisted, plus assisted with --assistant)")
+                   help="comma-separated subset of clover2-tree,clover2-tree-nolookup,clover2-chain,prompt-lookup,assisted, "
+                        "plain-static (plain generate on a static cache: compiled on CUDA), clover2-oracle-tau2..5 (the "
+                        "target's own answer as lookup path: the loop's speed at that tau) "
+                        "(default: the first four, plus assisted with --assistant)")
+    p.add_argument("--random-target", default=None, choices=["smollm2-135m", "llama3-8b"],
+                   help="instead of --target: random weights in that model's shape (prompts tokenized by the embedded "
+                        "SmolLM2 tokenizer; drafter: --draft if it fits, else a random one; for loop-cost "
+                        "measurements with the oracle methods) (default: none)")
     p.add_argument("--assistant", default=None,
                    help="smaller same-tokenizer model (Hub id or dir) for the 'assisted' method (default: none)")
     p.add_argument("--prompt-lookup-num-tokens", type=_positive_int, default=10,
@@ -465,6 +471,31 @@ def _load_models(args, draft_required: bool):
     return target, tokenizer, draft.attach_target(target), False
 
 
+def _random_models(args):
+    """(random-weight target, the embedded tokenizer, drafter) for `bench --random-target`."""
+    import torch
+
+    from ..modeling_clover2 import Clover2ForDrafting
+    from .embedded import load_default_target
+    from .targets import random_target
+
+    if args.draft is not None:
+        _check_model_ref("draft", args.draft, "drafter")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    _, tokenizer = load_default_target()
+    target = random_target(args.random_target, device, dtype)
+    if args.draft is None:
+        draft = Clover2ForDrafting.from_target(target, draft_vocab_size=8192)
+    else:
+        draft = Clover2ForDrafting.from_pretrained(args.draft, dtype=dtype).to(device)
+        try:
+            draft.attach_target(target)
+        except ValueError as exc:
+            raise UsageError(f"--draft: {exc}") from None
+    return target, tokenizer, draft.eval()
+
+
 def _bench(args) -> None:
     from pathlib import Path
 
@@ -487,7 +518,10 @@ def _bench(args) -> None:
     except QuestionFileError as exc:
         raise UsageError(str(exc)) from None
     needs_draft = any(m.startswith("clover2") for m in methods)
-    target, tokenizer, draft, _ = _load_models(args, draft_required=needs_draft)
+    if args.random_target is not None:
+        target, tokenizer, draft = _random_models(args)
+    else:
+        target, tokenizer, draft, _ = _load_models(args, draft_required=needs_draft)
     assistant = None
     if args.assistant:
         from transformers import AutoModelForCausalLM
@@ -602,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_numbers(sub.choices[args.command], args)
     try:
+        if getattr(args, "random_target", None) is not None and args.target is not None:
+            raise UsageError("--random-target: cannot be combined with --target")
         # bench/tune/demo check the drafter's config in _load_models (after their question files)
         _check_paths(args, drafter_contents=args.command not in ("bench", "tune", "demo"))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
