@@ -15,8 +15,10 @@ and no logits processor, this module does the same step with fixed-size tensor p
    with `"auto"` sizing the `TreeSizer`'s predicted acceptance probability (per-depth corrected path
    probability, the lookup rate on the lookup path, capped by the parent's). The best prefix of the
    nodes ordered by value is kept: with `"auto"` the prefix maximising predicted tokens per second of
-   verification (as `TreeSizer.choose`), else the `tree_budget` best. **Host read 1**: the prefix
-   length and the next step's depth cap (two integers; skipped for a fixed tree without lookup).
+   verification (as `TreeSizer.choose`), else the `tree_budget` best plus the lookup tokens. **Host
+   read 1**: the prefix length and the next step's depth cap (two integers; not needed for a fixed tree,
+   whose size the host knows, nor for a step where the sizer skips drafting: the lookup chain's values
+   are known on the host).
 3. **Verification** of the kept nodes in depth-first order (a node's first child right after it, so a
    path of first children sits contiguously after the root and needs no cache compaction), with the
    additive tree mask built from the ancestor matrix.
