@@ -276,4 +276,7 @@ def test_gpu_step_check_runs_its_cpu_smoke_mode(tmp_path, monkeypatch):
     rows = tiny["oracle"]
     assert all(row["identical"] for name, row in rows.items() if "identical" in row)
     assert rows["clover2 eager, oracle tau 5"]["tau"] >= rows["clover2 eager, oracle tau 2"]["tau"]
+    traced = rows["clover2 static shapes, traced (eager backend)"]
+    assert "error" not in traced, traced.get("error")
+    assert traced["identical"]
     assert (tmp_path / "smoke.json").exists()

@@ -17,9 +17,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats
 from clover2_hf.generation import static_step
-from clover2_hf.generation.static_step import DraftKV, static_draft_step
+from clover2_hf.generation.device_step import _Step
+from clover2_hf.generation.static_step import (
+    DraftKV,
+    StaticVerification,
+    static_draft_step,
+    static_verification_supported,
+)
+from clover2_hf.modeling_clover2 import CACHE_KWARG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+FULL_ATTENTION = ("llama", "qwen2", "qwen3", "gemma")  # the tiny test configs of the others have sliding windows
 
 
 @functools.cache
@@ -42,7 +51,11 @@ def test_static_shapes_decode_exactly_plain_greedy(arch, tree):
                               clover2_static_shapes=True)
         assert torch.equal(plain, got)
         assert stats.walk == "device" and "static shapes" in stats.tree_settings
+        both = static_verification_supported(target)
+        assert ("(drafting and verification)" in stats.tree_settings) == both
         assert len(set(stats.tree_sizes)) == 1  # every pass verifies the same number of nodes
+    # full-attention targets verify on a StaticCache where transformers keeps the length on the device
+    assert static_verification_supported(target) == (arch in FULL_ATTENTION and CACHE_KWARG == "cache")
 
 
 @pytest.mark.parametrize("arch", ("llama", "gemma2"))
@@ -95,6 +108,36 @@ def test_drafting_steps_dispatch_the_same_ops_on_the_same_shapes(monkeypatch):
     assert all(step == steps[0] for step in steps[1:])
 
 
+@pytest.mark.skipif(CACHE_KWARG != "cache", reason="static verification needs transformers >= 5.24")
+def test_verification_passes_dispatch_the_same_ops_on_the_same_shapes():
+    target, draft, prompts = trained_pair("llama")
+    records = []
+    recorder = [None]
+
+    def start(module, args, kwargs):
+        recorder[0] = _ShapeRecorder()
+        recorder[0].__enter__()
+
+    def stop(module, args, kwargs, output):
+        recorder[0].__exit__(None, None, None)
+        records.append(recorder[0].calls)
+
+    handles = [target.register_forward_pre_hook(start, with_kwargs=True),
+               target.register_forward_hook(stop, with_kwargs=True)]
+    try:
+        stats = Clover2Stats()
+        target.generate(prompts[:1].repeat(1, 3), do_sample=False, max_new_tokens=60, assistant_model=draft,
+                        clover2_stats=stats, tree_budget=6, tree_top_k=3, tree_lookup_tokens=4,
+                        clover2_static_shapes=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert "(drafting and verification)" in stats.tree_settings
+    passes = records[1:22]  # after the prefill
+    assert len(passes) == 21 and len(set(stats.accepted_depths[:21])) >= 3
+    assert all(p == passes[0] for p in passes[1:])
+
+
 def test_the_drafting_step_traces_into_one_graph_without_breaks():
     target, draft = random_pair("llama")
     torch.manual_seed(0)
@@ -115,3 +158,25 @@ def test_static_shapes_refuse_calls_that_need_the_host_walk():
         target.generate(ids, do_sample=True, max_new_tokens=4, assistant_model=draft, clover2_static_shapes=True)
     with pytest.raises(ValueError, match="static_shapes must be True or False"):
         target.generate(ids, max_new_tokens=4, assistant_model=draft, clover2_static_shapes="yes")
+
+
+@pytest.mark.skipif(CACHE_KWARG != "cache", reason="static verification needs transformers >= 5.24")
+def test_the_verification_pass_on_the_static_cache_traces_into_one_graph_without_breaks():
+    target, _ = random_pair("llama")
+    verification = StaticVerification(target, 40, 5)
+    with torch.no_grad():
+        target(torch.arange(3, 13)[None], cache=verification.cache, use_cache=True)  # a prompt
+        step = _Step(index=torch.arange(5), tokens=torch.arange(20, 25), depths=torch.tensor([0, 1, 1, 2, 3]),
+                     ancestors=torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0],
+                                             [1, 1, 0, 1, 1]], dtype=torch.bool),
+                     parents=torch.tensor([0, 0, 0, 1, 3]))
+        past = verification.past_length()
+
+        def verify(tokens, mask, positions):
+            return target(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=verification.cache,
+                          use_cache=True).logits
+
+        explanation = torch._dynamo.explain(verify)(step.tokens[None], verification.mask(step, past, target.dtype),
+                                                    (past + step.depths)[None])
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1

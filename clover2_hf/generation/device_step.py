@@ -395,12 +395,13 @@ def walk_on_device(logits: torch.Tensor, step: _Step, cand: Candidates) -> Walk:
 
 def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor, cache, stopping_criteria,
                       generation_config, *, settings, sizer: TreeSizer | None, options, capture, verify_kernels, stats,
-                      streamer, static=None) -> torch.Tensor:
+                      streamer, static=None, static_verify=None) -> torch.Tensor:
     """The greedy tree loop of this module (after `clover2_tree_decode`'s checks and set-up): the new sequence.
 
     `settings`: the call's `TreeSettings`; `sizer`: the `TreeSizer` when sizing per step; `verify_kernels`: the
     context managers the tree passes run under; `static`: a `static_step.StaticDrafting` for fixed-shape
-    drafting steps (with a fixed tree). Host reads per call: the prompt and the prefill's token, then per
+    drafting steps (with a fixed tree); `static_verify`: a `static_step.StaticVerification` whose cache is
+    `cache`, for fixed-shape verification passes. Host reads per call: the prompt and the prefill's token, then per
     step the choice (step 2 of the module docstring; not for a fixed tree, nor when the sizer skips
     drafting) and the walk's result."""
     device, draft_device = input_ids.device, draft.fc1.weight.device
@@ -457,8 +458,12 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         stats.draft_time_s += t_chosen - t_step
 
         # ---- verify
-        past_length = cache.get_seq_length()
-        if step.q == 1:  # a plain decoding step, run as plain decoding runs it
+        past_length = static_verify.past_length() if static_verify is not None else cache.get_seq_length()
+        if static_verify is not None:  # Q tokens over the whole static cache, under an explicit mask
+            with verify_kernels[0], verify_kernels[1]:
+                out = model(input_ids=step.tokens[None], attention_mask=static_verify.mask(step, past_length, model.dtype),
+                            position_ids=(past_length + step.depths)[None], use_cache=True, **{CACHE_KWARG: cache})
+        elif step.q == 1:  # a plain decoding step, run as plain decoding runs it
             stats.plain_steps += 1
             out = model(input_ids=step.tokens[None], position_ids=(past_length + step.depths)[None],
                         use_cache=True, **{CACHE_KWARG: cache})
@@ -498,7 +503,10 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
             sizer.observe_verify(step.q, t_read - t_chosen)
             sizer.finish_step(drafting, emitted + 1, t_read - t_step)
         path_device = packet[5 + step.q : 5 + step.q + accepted + 1]
-        compact_cache(cache, step.q, path, path_device)
+        if static_verify is not None:
+            static_verify.compact(past_length, walk.path_index, walk.accepted)
+        else:
+            compact_cache(cache, step.q, path, path_device)
         if finished:
             break
         token = walk.bonus

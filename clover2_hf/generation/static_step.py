@@ -35,7 +35,8 @@ from .device_step import (
     draft_candidates,
 )
 
-__all__ = ["DraftKV", "StaticDrafting", "augment_static", "static_draft_step", "static_node_count"]
+__all__ = ["DraftKV", "StaticDrafting", "StaticVerification", "augment_static", "static_draft_step", "static_node_count",
+           "static_verification_supported"]
 
 
 class DraftKV:
@@ -162,3 +163,56 @@ class StaticDrafting:
         self.hidden = tree_hidden[:, index]
         self.start = self.start + self.last + 1
         self.last = walk.accepted
+
+
+def static_verification_supported(target) -> bool:
+    """Whether the target can verify on a `StaticCache` here: transformers' static layers that keep their
+    length on the device (`StaticLayer.cumulative_length`, transformers >= 5.24, where `cache` is the
+    cache keyword) and no sliding-window layers (whose static form is a rolling buffer)."""
+    config = target.config.get_text_config()
+    sliding = getattr(config, "sliding_window", None) is not None and (
+        getattr(config, "layer_types", None) is None or "sliding_attention" in config.layer_types)
+    return CACHE_KWARG == "cache" and not sliding and not getattr(config, "is_encoder_decoder", False)
+
+
+class StaticVerification:
+    """The target's side of a `static_shapes` call: verification passes of Q tokens over a `StaticCache`.
+
+    The cache holds max_length + Q positions; a pass writes its Q tree tokens after the verified context
+    (transformers' `StaticLayer.update` at its `cumulative_length`), attends under an explicit
+    [1, 1, Q, max_length + Q] mask (context, then the tree's ancestors), and `compact` moves the accepted
+    path to the front of those Q slots and shortens the layers' lengths, all on the device. Relies on
+    `StaticLayer.keys` / `.values` / `.cumulative_length` (transformers >= 5.24): caught by
+    tests/test_static_step.py's identity tests."""
+
+    def __init__(self, target, max_length: int, num_tokens: int) -> None:
+        from transformers.cache_utils import StaticCache
+
+        self.cache = StaticCache(config=target.config, max_cache_len=max_length + num_tokens)
+        self.length, self.q = max_length + num_tokens, num_tokens
+
+    def past_length(self) -> torch.Tensor:
+        """[1] verified positions in the cache (device; a copy: the layers' own length grows in place)."""
+        return self.cache.layers[0].cumulative_length.reshape(1).clone()
+
+    def mask(self, step: _Step, past: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[1, 1, Q, max_length + Q] additive mask: the verified context, then each token's ancestors."""
+        slots = torch.arange(self.length, device=past.device)
+        offset = slots - past  # a slot's index in this pass's tree (valid in 0 .. Q - 1)
+        in_tree = (offset >= 0) & (offset < step.q)
+        tree = step.ancestors[:, offset.clamp(0, step.q - 1)] & in_tree[None]  # [Q, S]
+        allowed = (slots < past)[None] | tree
+        mask = torch.zeros(step.q, self.length, dtype=dtype, device=past.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+    def compact(self, past: torch.Tensor, path_index: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Keep the accepted path: slots past + path_index ([Q], path first) move to past + 0 .. Q - 1, and
+        each layer's length becomes past + accepted + 1 ([1] device tensors; fixed shapes)."""
+        src = past + path_index
+        dst = past + torch.arange(path_index.numel(), device=past.device)
+        for layer in self.cache.layers:
+            if not layer.is_initialized:
+                continue
+            layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
+            layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
+            layer.cumulative_length.sub_((self.q - 1 - accepted).reshape(layer.cumulative_length.shape))

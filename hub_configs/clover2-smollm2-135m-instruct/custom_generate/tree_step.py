@@ -63,7 +63,11 @@ from .cost_model import TreeSizer, auto_tree_settings, sync_device
 from .cpu_kernels import CpuMaskedGqa, CpuVerifyLinears, target_mask_kwargs
 from .device_step import device_greedy_supported, run_device_greedy
 from .options import DecodingOptions, pop_decoding_options
-from .static_step import StaticDrafting
+from .static_step import (
+    StaticDrafting,
+    StaticVerification,
+    static_verification_supported,
+)
 from .stats import Clover2Stats
 
 __all__ = ["check_generate_arguments", "check_supported", "prepare_call", "run_tree_decoding", "choose_token", "clover2_tree_decode", "depth0_logprobs", "grow_tree",
@@ -217,7 +221,7 @@ def clover2_tree_decode(
     scores, raw_logits = [], []
     settings = auto_tree_settings(draft, model, options=options)  # explicit config values as they are; "auto" resolved
     walk = "device" if device_greedy_supported(gc, logits_processor, stopping_criteria, options.tree_type) else "host"
-    static = None
+    static = static_verify = None
     if options.static_shapes:
         if walk != "device":
             raise ValueError("clover2_static_shapes=True needs greedy decoding with the dynamic tree, no logits "
@@ -225,8 +229,12 @@ def clover2_tree_decode(
         if settings.adaptive:  # a fixed shape: the largest tree the device cost model would verify
             settings = dataclasses.replace(settings, adaptive=False)
         static = StaticDrafting(draft, settings.top_k, settings.budget, options.tree_lookup_tokens, gc.max_length)
+        if static_verification_supported(model):  # the target's passes on a StaticCache too
+            static_verify = StaticVerification(model, gc.max_length, static.num_nodes + 1)
+            cache = static_verify.cache
     sizer = TreeSizer.for_pair(draft, model, settings.costs) if settings.adaptive else None
-    stats.tree_settings = settings.describe() + (", static shapes" if static is not None else "")
+    stats.tree_settings = settings.describe() + (
+        "" if static is None else ", static shapes" + (" (drafting and verification)" if static_verify else " (drafting)"))
     stats.prompt_tokens = input_ids.shape[1]
     t_start = time.perf_counter()
 
@@ -237,7 +245,8 @@ def clover2_tree_decode(
         if walk == "device":
             input_ids = run_device_greedy(
                 model, draft, input_ids, cache, stopping_criteria, gc, settings=settings, sizer=sizer, options=options,
-                capture=capture, verify_kernels=(verify_linears, verify_gqa), stats=stats, streamer=clover2_streamer, static=static)
+                capture=capture, verify_kernels=(verify_linears, verify_gqa), stats=stats, streamer=clover2_streamer, static=static,
+                static_verify=static_verify)
         else:
             input_ids = _host_walk(
                 model, draft, input_ids, cache, logits_processor, stopping_criteria, gc, settings=settings,
