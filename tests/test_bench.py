@@ -254,7 +254,7 @@ def test_per_category_keeps_the_first_questions_of_each_category():
 
 def test_oracle_and_static_cache_methods_stay_exact_and_reach_their_tau(models):
     target, tokenizer, draft, _ = models
-    methods = ["plain-static", "clover2-oracle-tau2", "clover2-oracle-tau4"]
+    methods = ["plain-static", "clover2-tree-static", "clover2-oracle-tau2", "clover2-oracle-tau4"]
     out = run_benchmark(target, tokenizer, draft, three_categories()[:2], methods, max_new_tokens=24, warmup=False,
                         progress=False)
     overall = {m: out.summary[m][OVERALL] for m in methods}

@@ -10,6 +10,7 @@ machine state:
 * ``"clover2-chain"``: Clover-2 top-1 chain through transformers' assisted decoding (`"chain"`);
 * ``"prompt-lookup"``: transformers' prompt lookup decoding (`prompt_lookup_num_tokens=`);
 * ``"assisted"``: transformers' assisted generation with a smaller model sharing the tokenizer;
+* ``"clover2-tree-static"``: tree decoding with static shapes (`clover2_static_shapes=True`);
 * ``"plain-static"``: plain `generate()` with a static cache (`cache_implementation="static"`), which
   transformers compiles on CUDA: the graph-captured baseline a graph-captured method must beat;
 * ``"clover2-oracle-tauN"`` (N >= 2): Clover-2 tree decoding whose lookup path is the target's own
@@ -81,8 +82,10 @@ CLOVER2_METHODS = {
     "clover2-tree": {"clover2_decoding": "tree"},
     "clover2-tree-nolookup": {"clover2_decoding": "tree", "tree_lookup_tokens": 0},
     "clover2-chain": {"clover2_decoding": "chain"},
+    "clover2-tree-static": {"clover2_decoding": "tree", "clover2_static_shapes": True},
 }
-METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup", "assisted", "plain-static",
+METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup", "assisted", "clover2-tree-static",
+           "plain-static",
            "clover2-oracle-tau2", "clover2-oracle-tau3", "clover2-oracle-tau4", "clover2-oracle-tau5")
 ORACLE_PREFIX = "clover2-oracle-tau"
 DEFAULT_METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup")

@@ -318,7 +318,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens generated per answer")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of clover2-tree,clover2-tree-nolookup,clover2-chain,prompt-lookup,assisted, "
-                        "plain-static (plain generate on a static cache: compiled on CUDA), clover2-oracle-tau2..5 (the "
+                        "clover2-tree-static (static shapes), plain-static (plain generate on a static cache: compiled on CUDA), "
+                        "clover2-oracle-tau2..5 (the "
                         "target's own answer as lookup path: the loop's speed at that tau) "
                         "(default: the first four, plus assisted with --assistant)")
     p.add_argument("--random-target", default=None, choices=["smollm2-135m", "llama3-8b"],
