@@ -440,6 +440,11 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         room = max_length - len(context)
         lookup = (lookup_continuation(context, min(options.tree_lookup_tokens, room), options.tree_lookup_ngram)
                   if options.tree_lookup_tokens and room > 0 else [])
+        if static is None and not drafting and not lookup:  # nothing to verify but the root: a plain step
+            token, host_token, hidden = _plain_step(model, cache, token, capture, sizer, stats, t_step)
+            sequence = torch.cat([sequence, token])
+            pending_hidden = hidden if pending_hidden is None else torch.cat([pending_hidden, hidden], dim=1)
+            continue
         if static is not None:
             step, cand = static.draft_step(token.to(draft_device), lookup)
         else:
@@ -519,6 +524,26 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         pending_hidden = (accepted_hidden if pending_hidden is None
                           else torch.cat([pending_hidden, accepted_hidden], dim=1))
     return sequence[None]
+
+
+def _plain_step(model, cache, token: torch.Tensor, capture, sizer: TreeSizer, stats, t_step: float):
+    """A plain decoding step where the sizer skips drafting and no lookup matched: the target's pass over the
+    root token [1] alone, without building candidates. Returns (its argmax [1], the same on the host (the
+    step's one host read), the root's hidden state [1, 1, H])."""
+    position = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long, device=token.device)
+    out = model(input_ids=token[None], position_ids=position, use_cache=True, **{CACHE_KWARG: cache})
+    bonus = out.logits[0, -1].argmax().reshape(1)
+    host_bonus = bonus.tolist()[0]
+    t_read = time.perf_counter()
+    stats.verify_time_s += t_read - t_step
+    stats.target_forwards += 1
+    stats.plain_steps += 1
+    stats.tree_sizes.append(0)
+    stats.accepted_depths.append(0)
+    stats.tokens_per_step.append(1)
+    sizer.record_choice(0, False, 0)
+    sizer.observe_verify(1, t_read - t_step)
+    return bonus, host_bonus, capture.hidden
 
 
 def _choose_tree(draft: Clover2ForDrafting, root_token: torch.Tensor, root_state: torch.Tensor | None,
