@@ -280,3 +280,17 @@ def test_gpu_step_check_runs_its_cpu_smoke_mode(tmp_path, monkeypatch):
     assert "error" not in traced, traced.get("error")
     assert traced["identical"]
     assert (tmp_path / "smoke.json").exists()
+
+
+def test_the_walk_never_accepts_a_dead_lookup_node():
+    """Padding of a fixed-length lookup chain (static shapes) is dead: even when the target's argmax equals its
+    padding token, the walk must stop before it (its bonus token is then the target's own choice)."""
+    target, draft = random_pair("llama")
+    cand = device_step.draft_candidates(draft, torch.tensor([7]), None, top_k=2, depths=1,
+                                        lookup=torch.tensor([5, 0, 0]), lookup_length=torch.tensor([1]))
+    assert cand.dead.tolist() == [False, False, True, True]
+    step = device_step._verified(cand, torch.tensor([1, 2, 3]))
+    logits = torch.zeros(4, 16)
+    logits[0, 5] = logits[1, 0] = logits[2, 0] = logits[3, 0] = 1.0  # the target agrees with the padding too
+    walk = device_step.walk_on_device(logits, step, cand)
+    assert int(walk.accepted) == 1 and int(walk.bonus) == 0  # the live lookup token, then the target's token

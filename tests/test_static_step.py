@@ -38,7 +38,7 @@ def random_pair(arch: str):
 
 
 @pytest.mark.parametrize("arch", ("llama", "qwen2", "mistral", "gemma2", "qwen3", "gemma"))
-@pytest.mark.parametrize("tree", [(6, 3, 0), (4, 2, 6)], ids=["6-3", "4-2-lookup"])
+@pytest.mark.parametrize("tree", [(6, 3, 0), (4, 2, 6), (2, 1, 8)], ids=["6-3", "4-2-lookup", "2-1-lookup-beyond-the-pool"])
 def test_static_shapes_decode_exactly_plain_greedy(arch, tree):
     target, draft = random_pair(arch)
     budget, top_k, lookup = tree

@@ -484,12 +484,15 @@ def _random_models(args):
         _check_model_ref("draft", args.draft, "drafter")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    _, tokenizer = load_default_target()
+    from .tune import default_draft_dtype
+
+    _, tokenizer = load_default_target()  # (its tokenizer; the model is loaded and dropped)
     target = random_target(args.random_target, device, dtype)
+    draft_dtype = default_draft_dtype(device, dtype) if args.draft_dtype == "auto" else getattr(torch, args.draft_dtype)
     if args.draft is None:
-        draft = Clover2ForDrafting.from_target(target, draft_vocab_size=8192)
+        draft = Clover2ForDrafting.from_target(target, draft_vocab_size=8192).to(draft_dtype)
     else:
-        draft = Clover2ForDrafting.from_pretrained(args.draft, dtype=dtype).to(device)
+        draft = Clover2ForDrafting.from_pretrained(args.draft, dtype=draft_dtype).to(device)
         try:
             draft.attach_target(target)
         except ValueError as exc:

@@ -38,6 +38,7 @@ pool is chosen from directly, and a drafted tree is always grown; the sizer's ba
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -379,8 +380,8 @@ class Walk:
 def walk_on_device(logits: torch.Tensor, step: _Step, cand: Candidates) -> Walk:
     """The deepest verified node whose every node on the path equals the target's argmax at its parent
     (`logits` [q, V] of the verification pass): the path the host walk follows, without host reads."""
-    argmax = logits.argmax(-1)  # [q]
-    ok = step.tokens == argmax[step.parents]
+    argmax = logits.argmax(-1).to(step.tokens.device)  # [q] (the head may sit on another device)
+    ok = (step.tokens == argmax[step.parents]) & ~cand.dead[step.index]  # a dead (padding) node is never accepted
     ok[0] = True
     best = torch.argmax(step.depths * ~(step.ancestors & ~ok[None]).any(1)).reshape(1)  # [1]
     on_path = step.ancestors[best][0]  # [q]
@@ -456,8 +457,9 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
                 pending_hidden = None
                 root_state = augmented[0, -1]
             step, cand = _choose_tree(draft, token.to(draft_device), root_state, lookup, settings, sizer, acceptance,
-                                      verify_table, drafting)
-        if draft_device != device:
+                                      verify_table, drafting, device)
+        if static is not None and draft_device != device:
+            cand = _moved(cand, device)
             step = _Step(*(t.to(device) for t in (step.index, step.tokens, step.depths, step.ancestors, step.parents)))
         t_chosen = time.perf_counter()
         stats.draft_time_s += t_chosen - t_step
@@ -520,7 +522,7 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         if static is not None:
             static.accept(tree_hidden.to(draft_device), step, walk)
             continue
-        accepted_hidden = tree_hidden[:, path_device]  # [1, accepted + 1, H]
+        accepted_hidden = tree_hidden[:, path_device.to(tree_hidden.device)]  # [1, accepted + 1, H]
         pending_hidden = (accepted_hidden if pending_hidden is None
                           else torch.cat([pending_hidden, accepted_hidden], dim=1))
     return sequence[None]
@@ -546,13 +548,22 @@ def _plain_step(model, cache, token: torch.Tensor, capture, sizer: TreeSizer, st
     return bonus, host_bonus, capture.hidden
 
 
+def _moved(cand: Candidates, device: torch.device) -> Candidates:
+    """`cand` with its tensors on `device` (the target's, when the drafter sits on another device)."""
+    if cand.tokens.device == device:
+        return cand
+    fields = ("tokens", "parents", "depths", "scores", "ranks", "ancestors", "drafted", "on_lookup", "dead")
+    return dataclasses.replace(cand, **{name: getattr(cand, name).to(device) for name in fields})
+
+
 def _choose_tree(draft: Clover2ForDrafting, root_token: torch.Tensor, root_state: torch.Tensor | None,
                  lookup: list[int], settings, sizer: TreeSizer | None, acceptance: DeviceAcceptance | None,
-                 verify_table: torch.Tensor | None, drafting: bool) -> tuple[_Step, Candidates]:
-    """Steps 1-2 of the module docstring: the candidates and the verified tree chosen from them."""
+                 verify_table: torch.Tensor | None, drafting: bool, device: torch.device) -> tuple[_Step, Candidates]:
+    """Steps 1-2 of the module docstring: the candidates (moved to the target's `device`) and the verified
+    tree chosen from them."""
     num_depths = draft.config.num_draft_depths
     depths = min(num_depths, max(settings.budget, 1), sizer.depth_cap if sizer is not None else num_depths)
-    cand = draft_candidates(draft, root_token, root_state, settings.top_k, depths, lookup)
+    cand = _moved(draft_candidates(draft, root_token, root_state, settings.top_k, depths, lookup), device)
     values = _node_values(cand, acceptance, sizer.lookup_rate if sizer is not None else 0.0)
     order = _best_first(values, cand.depths)  # [n], root first
     if sizer is None:  # a fixed tree: the budget's best drafted nodes, plus the lookup tokens

@@ -17,8 +17,10 @@ With `static_shapes=True` (a decoding option) the drafting step is instead:
 `static_draft_step` is that step, from the padded inputs to the verified tree: no host reads, no
 data-dependent Python control flow (tests/test_static_step.py checks that its (op, shape) sequence does not
 change over 20 steps of different acceptance lengths, and that `torch._dynamo.explain` finds no graph
-break). The target's own verification still runs on its `DynamicCache` (its width is constant; its
-context grows), and decoding runs the step eagerly: capturing it is left to the caller's device.
+break). For full-attention targets (transformers >= 5.24) `StaticVerification` runs the target's passes
+on a `StaticCache` too, under an explicit mask, with the accepted path compacted in place; other targets
+verify on their `DynamicCache` (constant width, growing context). Decoding runs both eagerly: capturing
+them is left to the caller's device (`scripts/gpu_step_check.py`).
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ def augment_static(draft: Clover2ForDrafting, kv: DraftKV, hidden: torch.Tensor,
 
 
 def static_node_count(draft: Clover2ForDrafting, top_k: int, budget: int, lookup_tokens: int) -> int:
-    """Nodes every static step verifies: min(budget, P - D - L) + L (always <= the live candidates)."""
+    """Nodes every static step verifies: min(budget, P - D - L) + L, at most P, so never more than the live
+    candidates (the P pool nodes are always live; the lookup chain may be all padding)."""
     depths = min(draft.config.num_draft_depths, budget)
     pool = top_k + (depths - 1) * top_k * top_k
-    return max(min(budget, pool - depths - lookup_tokens), 0) + lookup_tokens
+    return min(max(min(budget, pool - depths - lookup_tokens), 0) + lookup_tokens, pool)
 
 
 def static_draft_step(draft: Clover2ForDrafting, kv: DraftKV, hidden: torch.Tensor, next_ids: torch.Tensor,
@@ -117,7 +120,8 @@ class StaticDrafting:
     """The drafter's side of a `static_shapes` call: its KV buffer and the padded inputs of the next step.
 
     Used by `device_step.run_device_greedy`: `begin` with the prompt's states after the prefill, then per
-    step `draft` (the verified tree) and, after the walk, `accept` (the next step's inputs, on the device)."""
+    step `draft_step` (the verified tree) and, after the walk, `accept` (the next step's inputs, on the
+    device)."""
 
     def __init__(self, draft: Clover2ForDrafting, top_k: int, budget: int, lookup_tokens: int,
                  max_length: int) -> None:
@@ -152,27 +156,33 @@ class StaticDrafting:
 
     def accept(self, tree_hidden: torch.Tensor, step: _Step, walk) -> None:
         """The next step's padded inputs: the accepted path's states and the token after each (device ops)."""
-        index = walk.path_index  # [q] path first
+        device = self.start.device  # the drafter's (the verified tree may sit on the target's)
+        index = walk.path_index.to(device)  # [q] path first
         if index.numel() < self.width:
             index = torch.cat([index, index.new_zeros(self.width - index.numel())])
         index = index[: self.width]
-        tokens = step.tokens[index]  # [A], the root's first
+        tokens = step.tokens.to(device)[index]  # [A], the root's first
         after = torch.cat([tokens[1:], tokens[:1]])  # the token after each position (the wrap-around is padding)
         slot = torch.arange(self.width, device=index.device)
-        self.next_ids = torch.where(slot == walk.accepted, walk.bonus, after)[None]
-        self.hidden = tree_hidden[:, index]
+        accepted = walk.accepted.to(device)
+        self.next_ids = torch.where(slot == accepted, walk.bonus.to(device), after)[None]
+        self.hidden = tree_hidden.to(device)[:, index]
         self.start = self.start + self.last + 1
-        self.last = walk.accepted
+        self.last = accepted
 
 
 def static_verification_supported(target) -> bool:
     """Whether the target can verify on a `StaticCache` here: transformers' static layers that keep their
     length on the device (`StaticLayer.cumulative_length`, transformers >= 5.24, where `cache` is the
-    cache keyword) and no sliding-window layers (whose static form is a rolling buffer)."""
+    cache keyword) and full attention in every layer (sliding-window and chunked layers are rolling buffers
+    in static form; linear-attention layers hold no keys)."""
     config = target.config.get_text_config()
-    sliding = getattr(config, "sliding_window", None) is not None and (
-        getattr(config, "layer_types", None) is None or "sliding_attention" in config.layer_types)
-    return CACHE_KWARG == "cache" and not sliding and not getattr(config, "is_encoder_decoder", False)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        full = all(t == "full_attention" for t in layer_types)
+    else:
+        full = getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None
+    return CACHE_KWARG == "cache" and full and not getattr(config, "is_encoder_decoder", False)
 
 
 class StaticVerification:
