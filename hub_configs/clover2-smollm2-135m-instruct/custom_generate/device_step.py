@@ -421,7 +421,7 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
                 use_cache=True, **{CACHE_KWARG: cache}, logits_to_keep=1)
     stats.target_forwards += 1
     pending_hidden = capture.hidden  # [1, n, H] pre-norm states whose next token is known
-    token = out.logits[0, -1].argmax().reshape(1)  # [1] on the device
+    token = out.logits[0, -1].argmax().reshape(1).to(device)  # [1] on the device of the inputs
     sequence = torch.cat([input_ids[0], token])  # [length] on the device
     host_token = token.tolist()[0]
     if static is not None:
@@ -534,7 +534,7 @@ def _plain_step(model, cache, token: torch.Tensor, capture, sizer: TreeSizer, st
     step's one host read), the root's hidden state [1, 1, H])."""
     position = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long, device=token.device)
     out = model(input_ids=token[None], position_ids=position, use_cache=True, **{CACHE_KWARG: cache})
-    bonus = out.logits[0, -1].argmax().reshape(1)
+    bonus = out.logits[0, -1].argmax().reshape(1).to(token.device)
     host_bonus = bonus.tolist()[0]
     t_read = time.perf_counter()
     stats.verify_time_s += t_read - t_step
