@@ -51,6 +51,10 @@ class DraftTree:
         root = torch.tensor([self.root_token], dtype=self.tokens.dtype, device=self.tokens.device)
         return torch.cat([root, self.tokens])
 
+    def verify_depths(self) -> torch.Tensor:
+        """[M + 1] depth of every token fed to the target: the root (0), then the nodes."""
+        return torch.cat([torch.zeros(1, dtype=torch.long, device=self.tokens.device), self.depths.to(self.tokens.device)])
+
     def children(self) -> list[dict[int, int]]:
         """children()[v] maps token id -> verify index of that child of verify index v."""
         if self._children is None:
@@ -272,9 +276,8 @@ def tree_attention_mask(
 ) -> torch.Tensor:
     """Additive float mask [1, 1, M + 1, kv_length] for one target layer type (`ancestor_attention_mask` of
     the tree's ancestor matrix and depths)."""
-    depths = torch.cat([torch.zeros(1, dtype=torch.long, device=tree.tokens.device), tree.depths.to(tree.tokens.device)])
-    return ancestor_attention_mask(tree.ancestor_matrix(), depths, past_length, kv_length, kv_offset, dtype,
-                                   sliding_window)
+    return ancestor_attention_mask(tree.ancestor_matrix(), tree.verify_depths(), past_length, kv_length, kv_offset,
+                                   dtype, sliding_window)
 
 
 def ancestor_attention_mask(

@@ -103,7 +103,7 @@ def wrapped_functions() -> dict[tuple[object, str], str]:
         (device_step, "_choose"): "draft.choose",
         (device_step, "_dfs_keys"): "draft.choose",
         (device_step, "_verified"): "draft.choose",
-        (device_step, "_mask_kwargs"): "verify.mask",
+        (device_step, "target_mask_kwargs"): "verify.mask",
         (device_step, "compact_cache"): "accept.compact",
     }
 

@@ -255,7 +255,7 @@ def test_cache_compaction_matches_linear_recomputation(arch):
     with torch.no_grad():
         target(prompt, use_cache=True, **{CACHE_KWARG: cache})
         past = cache.get_seq_length()
-        mask = _target_mask_kwargs(target, cache, tree, past, target.dtype)
+        mask = _target_mask_kwargs(target, cache, tree.ancestor_matrix(), tree.verify_depths(), past, target.dtype)
         depths = torch.tensor([0, 1, 1, 2, 2, 3])
         tree_out = target(tree.verify_tokens()[None], attention_mask=mask, position_ids=(past + depths)[None],
                           use_cache=True, **{CACHE_KWARG: cache}).logits[0]

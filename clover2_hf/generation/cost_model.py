@@ -247,8 +247,8 @@ def measure_verify_samples(target, num_tokens: Sequence[int], context_length: in
                 target(input_ids=tokens, position_ids=torch.tensor([[past]], device=device),
                        use_cache=True, **{CACHE_KWARG: cache})
             else:
-                depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
-                mask = target_mask_kwargs(target, cache, tree, past, target.dtype)
+                depths = tree.verify_depths().to(device)
+                mask = target_mask_kwargs(target, cache, tree.ancestor_matrix().to(device), depths, past, target.dtype)
                 with linears, gqa:  # as tree decoding runs it
                     target(input_ids=tokens, attention_mask=mask, position_ids=(past + depths)[None],
                            use_cache=True, **{CACHE_KWARG: cache})
@@ -731,18 +731,25 @@ class TreeSizer:
         probs = self.node_probabilities(tree, num_drafted)
         depths = tree.depths.cpu().tolist()
         order = sorted(range(tree.num_nodes), key=lambda m: (-probs[m], depths[m]))
-        best_b, best_rate, total = 0, self.margin / self.verify_time(1), 0.0
-        gain = [0.0]
-        for b, m in enumerate(order, start=1):
-            total += probs[m]
-            gain.append(total)
-            rate = (1.0 + total) / self.verify_time(b + 1)
-            if rate > best_rate:
-                best_b, best_rate = b, rate
+        best_b, gain = self.best_prefix([probs[m] for m in order])
         kept = sorted(order[:best_b])
         expected = 1.0 + gain[best_b]
         self.record_choice(best_b, drafted, max((depths[m] for m in kept if m < num_drafted), default=0) + 1)
         return kept, expected
+
+    def best_prefix(self, values: Sequence[float]) -> tuple[int, list[float]]:
+        """(b, gains): how many of the nodes, best first with predicted acceptance `values`, to verify — the
+        prefix maximising (1 + their sum) / verify_time(b + 1), 0 (a plain step) unless one beats plain
+        decoding by `margin` — and the running sums (gains[b] = sum of the first b values)."""
+        best_b, best_rate, total = 0, self.margin / self.verify_time(1), 0.0
+        gains = [0.0]
+        for b, value in enumerate(values, start=1):
+            total += value
+            gains.append(total)
+            rate = (1.0 + total) / self.verify_time(b + 1)
+            if rate > best_rate:
+                best_b, best_rate = b, rate
+        return best_b, gains
 
     def record_choice(self, num_nodes: int, drafted: bool, depth_cap: int) -> None:
         """After a choice of `num_nodes` nodes: the next depth cap (one more than the deepest drafted node

@@ -50,8 +50,9 @@ from transformers.generation.stopping_criteria import (
 )
 
 from ..modeling_clover2 import CACHE_KWARG, Clover2ForDrafting
-from ..tree import ancestor_attention_mask, compact_cache, lookup_continuation
+from ..tree import compact_cache, lookup_continuation
 from .cost_model import TreeSizer
+from .cpu_kernels import target_mask_kwargs
 
 __all__ = ["Candidates", "DeviceAcceptance", "Walk", "device_greedy_supported", "draft_candidates", "run_device_greedy",
            "walk_on_device"]
@@ -92,16 +93,8 @@ def _host_stopping(stopping_criteria, generation_config) -> tuple[int, set[int]]
     return max_length, eos
 
 
-def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small host list on `device` without waiting for it (pinned memory, non-blocking, on CUDA)."""
-    return _to_device(torch.tensor(values, dtype=torch.long), device)
-
-
-def _upload_floats(values: list[float], device: torch.device) -> torch.Tensor:
-    return _to_device(torch.tensor(values, dtype=torch.float32), device)
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for it (pinned memory, non-blocking, on CUDA)."""
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
@@ -206,7 +199,7 @@ def draft_candidates(draft: Clover2ForDrafting, root_token: torch.Tensor, root_s
                       depths_grown=grown)
     if isinstance(lookup, torch.Tensor):
         return _with_lookup(cand, lookup, lookup_length) if lookup.numel() else cand
-    return _with_lookup(cand, _upload(lookup, device), None) if lookup else cand
+    return _with_lookup(cand, upload(torch.tensor(lookup, dtype=torch.long), device), None) if lookup else cand
 
 
 def _with_lookup(cand: Candidates, chain: torch.Tensor, chain_length: torch.Tensor | None) -> Candidates:
@@ -342,25 +335,6 @@ def _verified(cand: Candidates, kept: torch.Tensor) -> _Step:
                  ancestors=cand.ancestors[index][:, index], parents=position[cand.parents[index]])
 
 
-def _mask_kwargs(target, cache, step: _Step, past_length: int, dtype: torch.dtype):
-    """The verification pass's `attention_mask`: one additive mask, or one per layer type."""
-    config = target.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-
-    def mask_for(layer_idx: int, sliding: int | None) -> torch.Tensor:
-        kv_length, kv_offset = cache.get_mask_sizes(step.q, layer_idx)
-        return ancestor_attention_mask(step.ancestors, step.depths, past_length, kv_length, kv_offset, dtype, sliding)
-
-    if layer_types is not None:
-        masks = {t: mask_for(layer_types.index(t), window if t == "sliding_attention" else None)
-                 for t in dict.fromkeys(layer_types)}
-        if len(masks) == 1 and "sliding_attention" not in masks:
-            return masks["full_attention"]
-        return masks
-    return mask_for(0, window)
-
-
 @dataclass
 class Walk:
     """The accepted path of one verified step, found on the device.
@@ -413,7 +387,7 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
     verify_table = None
     if sizer is not None:  # pass costs for q = 1 .. the largest candidate set
         q_limit = 2 + options.tree_lookup_tokens + settings.top_k + (settings.top_k ** 2) * num_depths
-        verify_table = _upload_floats([sizer.costs.verify_time(q) for q in range(1, q_limit + 1)], device)
+        verify_table = upload(torch.tensor([sizer.costs.verify_time(q) for q in range(1, q_limit + 1)]), device)
     draft_cache = draft.new_cache()
 
     # prefill: the target reads the prompt and picks the first new token itself
@@ -477,7 +451,8 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         else:
             with verify_kernels[0], verify_kernels[1]:
                 out = model(input_ids=step.tokens[None],
-                            attention_mask=_mask_kwargs(model, cache, step, past_length, model.dtype),
+                            attention_mask=target_mask_kwargs(model, cache, step.ancestors, step.depths, past_length,
+                                                              model.dtype),
                             position_ids=(past_length + step.depths)[None], use_cache=True, **{CACHE_KWARG: cache})
         stats.target_forwards += 1
         stats.tree_sizes.append(step.q - 1)
@@ -601,14 +576,7 @@ def _choose(cand: Candidates, values: torch.Tensor, order: torch.Tensor, sizer: 
 
 def _choose_chain(sizer: TreeSizer, length: int) -> int:
     """`_choose` for a step without drafting: the lookup chain's node d has value rho^d (on the host)."""
-    rho, best_b, total = sizer.lookup_rate, 0, 0.0
-    best_rate = sizer.margin / sizer.verify_time(1)
-    for b in range(1, length + 1):
-        total += rho ** b
-        rate = (1.0 + total) / sizer.verify_time(b + 1)
-        if rate > best_rate:
-            best_b, best_rate = b, rate
-    return best_b
+    return sizer.best_prefix([sizer.lookup_rate ** d for d in range(1, length + 1)])[0]
 
 
 def _learn(acceptance: DeviceAcceptance, cand: Candidates, step: _Step, on_path: torch.Tensor) -> None:

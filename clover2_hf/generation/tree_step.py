@@ -357,11 +357,12 @@ def _host_walk(model, draft: Clover2ForDrafting, input_ids: torch.Tensor, cache,
             out = model(input_ids=tree_tokens, position_ids=torch.tensor([[past_length]], device=device),
                         use_cache=True, **{CACHE_KWARG: cache})
         else:
-            depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths.cpu()]).to(device)
+            depths = tree.verify_depths().to(device)
             with verify_linears, verify_gqa:
                 out = model(
                     input_ids=tree_tokens,
-                    attention_mask=target_mask_kwargs(model, cache, tree, past_length, model.dtype),
+                    attention_mask=target_mask_kwargs(model, cache, tree.ancestor_matrix().to(device), depths,
+                                                      past_length, model.dtype),
                     position_ids=(past_length + depths)[None],
                     use_cache=True,
                     **{CACHE_KWARG: cache},

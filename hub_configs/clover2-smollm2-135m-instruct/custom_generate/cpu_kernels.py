@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .tree import DraftTree, tree_attention_mask
+from .tree import ancestor_attention_mask
 
 __all__ = ["CpuMaskedGqa", "CpuVerifyLinears", "FORCE_GQA_ENV", "target_mask_kwargs", "wide_linear_forward"]
 
@@ -107,21 +107,23 @@ class CpuMaskedGqa:
         self._set = False
 
 
-def target_mask_kwargs(target, cache, tree: DraftTree, past_length: int, dtype: torch.dtype):
-    """The `attention_mask` argument for the verification pass: one mask, or one per layer type."""
+def target_mask_kwargs(target, cache, ancestors: torch.Tensor, depths: torch.Tensor, past_length,
+                       dtype: torch.dtype):
+    """The `attention_mask` argument for a verification pass over a tree: one mask, or one per layer type.
+
+    ancestors [q, q] / depths [q]: the tree in verification order, root first (`DraftTree.ancestor_matrix`
+    and `DraftTree.verify_depths`, or the device walk's tensors); `past_length`: an int or a [1] tensor."""
     config = target.config.get_text_config()
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
 
     def mask_for(layer_idx: int, sliding: int | None) -> torch.Tensor:
-        kv_length, kv_offset = cache.get_mask_sizes(tree.num_nodes + 1, layer_idx)
-        return tree_attention_mask(tree, past_length, kv_length, kv_offset, dtype, sliding)
+        kv_length, kv_offset = cache.get_mask_sizes(depths.numel(), layer_idx)
+        return ancestor_attention_mask(ancestors, depths, past_length, kv_length, kv_offset, dtype, sliding)
 
     if layer_types is not None:
-        masks = {}
-        for layer_type in dict.fromkeys(layer_types):
-            idx = layer_types.index(layer_type)
-            masks[layer_type] = mask_for(idx, window if layer_type == "sliding_attention" else None)
+        masks = {t: mask_for(layer_types.index(t), window if t == "sliding_attention" else None)
+                 for t in dict.fromkeys(layer_types)}
         if len(masks) == 1 and "sliding_attention" not in masks:
             return masks["full_attention"]
         return masks

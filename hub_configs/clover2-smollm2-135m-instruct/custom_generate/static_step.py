@@ -35,6 +35,7 @@ from .device_step import (
     _Step,
     _verified,
     draft_candidates,
+    upload,
 )
 
 __all__ = ["DraftKV", "StaticDrafting", "StaticVerification", "augment_static", "static_draft_step", "static_node_count",
@@ -146,11 +147,7 @@ class StaticDrafting:
         chain = torch.zeros(self.lookup_tokens, dtype=torch.long)
         chain[: len(lookup)] = torch.tensor(lookup, dtype=torch.long)
         length = torch.tensor([len(lookup)], dtype=torch.long)
-        device = self.start.device
-        if device.type == "cuda":
-            chain, length = chain.pin_memory().to(device, non_blocking=True), length.pin_memory().to(device, non_blocking=True)
-        else:
-            chain, length = chain.to(device), length.to(device)
+        chain, length = upload(chain, self.start.device), upload(length, self.start.device)
         return static_draft_step(self.draft, self.kv, self.hidden, self.next_ids, self.start, self.last, root_token,
                                  chain, length, self.top_k, self.budget)
 
