@@ -63,3 +63,13 @@ def trained_pair(arch: str):
     draft = train_on_own_outputs(target, steps=50, seqs=24, length=40, seed=0)
     prompts = torch.randint(3, target.config.vocab_size, (8, 4), generator=torch.Generator().manual_seed(0))
     return target, draft, prompts
+
+
+@functools.cache
+def random_pair(arch: str):
+    """(tiny random target, an untrained drafter built from it), built once per test process and shared by the
+    modules that import it: callers must not change the drafter's config (pass options to `generate`)."""
+    from conftest import make_tiny_target
+
+    target = make_tiny_target(arch)
+    return target, Clover2ForDrafting.from_target(target).eval()

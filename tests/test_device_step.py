@@ -8,12 +8,11 @@ build what their host counterparts build.
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 from conftest import make_tiny_target
-from drafters import trained_pair
+from drafters import random_pair, trained_pair
 from transformers import (
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -23,7 +22,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.generation.stopping_criteria import EosTokenCriteria
 
-from clover2_hf import Clover2ForDrafting, Clover2Stats
+from clover2_hf import Clover2Stats
 from clover2_hf.generation import cost_model, device_step, tree_step
 from clover2_hf.generation.cost_model import DeviceCosts, TreeSizer
 from clover2_hf.modeling_clover2 import CACHE_KWARG
@@ -33,12 +32,6 @@ from clover2_hf.tree import compact_cache
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MIXED = {1: 0.10, 2: 0.135, 3: 0.145, 5: 0.16, 9: 0.20, 17: 0.30, 33: 0.5}  # some trees pay, some do not
-
-
-@functools.cache
-def random_pair(arch: str):
-    target = make_tiny_target(arch)
-    return target, Clover2ForDrafting.from_target(target).eval()
 
 
 @pytest.fixture

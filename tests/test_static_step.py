@@ -7,15 +7,13 @@ into one graph without breaks, so that a device can capture it.
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
-from conftest import make_tiny_target
-from drafters import trained_pair
+from drafters import random_pair, trained_pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from clover2_hf import Clover2ForDrafting, Clover2Stats
+from clover2_hf import Clover2Stats
 from clover2_hf.generation import static_step
 from clover2_hf.generation.device_step import _Step
 from clover2_hf.generation.static_step import (
@@ -29,12 +27,6 @@ from clover2_hf.modeling_clover2 import CACHE_KWARG
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FULL_ATTENTION = ("llama", "qwen2", "qwen3", "gemma")  # the tiny test configs of the others have sliding windows
-
-
-@functools.cache
-def random_pair(arch: str):
-    target = make_tiny_target(arch)
-    return target, Clover2ForDrafting.from_target(target).eval()
 
 
 @pytest.mark.parametrize("arch", ("llama", "qwen2", "mistral", "gemma2", "qwen3", "gemma"))
