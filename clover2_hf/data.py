@@ -675,11 +675,12 @@ def split_of(record_id: str, eval_fraction: float = 0.05) -> Literal["train", "e
 
     Uses the first 8 bytes of SHA-256(id) as a uniform number in [0, 1): stable across runs,
     platforms and Python hash seeds, and independent of record order. Records sharing an id share a
-    split.
+    split, and so do the variants `abc#...` of a record `abc` (self-distilled answers of other turns,
+    temperatures or seeds: `tools.selfdistill.variant_id`): only the part before the first `#` is hashed.
     """
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
-    digest = hashlib.sha256(str(record_id).encode("utf-8")).digest()
+    digest = hashlib.sha256(str(record_id).split("#", 1)[0].encode("utf-8")).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
     return "eval" if u < eval_fraction else "train"
 

@@ -89,6 +89,91 @@ def test_long_prompts_are_skipped_and_counted(target_and_tokenizer, tmp_path, on
     assert "c1" not in (tmp_path / "a.jsonl").read_text()
 
 
+def _greedy_alone(target, tokenizer, messages, max_new_tokens, eos=(2,)):
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    alone = target.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    alone = alone[0, ids["input_ids"].shape[1]:].tolist()
+    return next((alone[:i] for i, t in enumerate(alone) if t in eos), alone)
+
+
+def test_every_turn_is_answered_with_the_targets_own_earlier_answers_in_context(target_and_tokenizer, tmp_path,
+                                                                                 one_thread, monkeypatch):
+    target, tokenizer = target_and_tokenizer
+    out = tmp_path / "answers.jsonl"
+    chats = _chats(6)
+    # the tiny target rarely emits its eos: a token its answers do emit ends answers too, so chats go on
+    stop = _greedy_alone(target, tokenizer, [{"role": "user", "content": "hi 0"}], 40)[3]
+    monkeypatch.setattr(target.generation_config, "eos_token_id", [2, stop])
+    for chat in chats[::2]:  # three conversations get a third user turn
+        chat["conversations"] += [{"from": "human", "value": "and a third?"}, {"from": "gpt", "value": "..."}]
+    summary = generate_answers(target, tokenizer, out, chats, turns=None, max_new_tokens=40, batch_size=4,
+                               progress=False)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["id"] for r in records} <= {f"c{i}#turns=all" for i in range(6)}
+    answered = 0
+    for record in records:
+        turns = record["conversations"]
+        source = next(c["conversations"] for c in chats if c["id"] == record["id"].split("#")[0])
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert [t["value"] for t in turns[::2]] == [t["value"] for t in source[::2]][: len(turns) // 2]
+        messages = []
+        for user, answer in zip(turns[::2], turns[1::2]):  # each answer: the target's greedy one given ITS history
+            messages.append({"role": "user", "content": user["value"]})
+            alone = _greedy_alone(target, tokenizer, messages, 40, eos=(2, stop))
+            assert answer["value"] == tokenizer.decode(alone, skip_special_tokens=True).strip()
+            messages.append({"role": "assistant", "content": answer["value"]})
+            answered += 1
+        more = len(turns) // 2 < len(source) // 2
+        assert not more or record["finish"] == "length"  # a chat only stops early after a cut answer
+    assert answered == sum(summary.finished.values()) > len(records)  # later turns were answered
+    # every variant stays on its source conversation's side of the split
+    assert all(split_of(r["id"], 0.5) == split_of(r["id"].split("#")[0], 0.5) for r in records)
+    # the greedy first-turn variant of the same conversations is a different record: a second run adds it
+    more = generate_answers(target, tokenizer, out, chats, max_new_tokens=40, batch_size=4, progress=False)
+    assert more.already_done == 0 and more.written == len(records)
+    again = generate_answers(target, tokenizer, out, chats, turns=None, max_new_tokens=40, batch_size=4,
+                             progress=False)
+    assert again.written == 0 and again.already_done == len(records)
+
+
+def test_sampled_answers_are_seeded_variants(target_and_tokenizer, tmp_path, one_thread):
+    target, tokenizer = target_and_tokenizer
+    chats = _chats(5)
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path / f"{name}.jsonl"
+        generate_answers(target, tokenizer, out, chats, temperature=1.5, seed=seed, max_new_tokens=10,
+                         batch_size=5 if name != "b" else 2, progress=False)
+        runs[name] = {json.loads(line)["id"]: json.loads(line)["conversations"][1]["value"]
+                      for line in out.read_text().splitlines()}
+    assert set(runs["a"]) == {f"c{i}#T=1.5,seed=0" for i in range(5)}
+    assert set(runs["c"]) == {f"c{i}#T=1.5,seed=1" for i in range(5)}
+    assert runs["a"] == runs["a"] and list(runs["a"].values()) != list(runs["c"].values())
+    greedy = tmp_path / "greedy.jsonl"
+    generate_answers(target, tokenizer, greedy, chats, max_new_tokens=10, batch_size=5, progress=False)
+    greedy_answers = [json.loads(line)["conversations"][1]["value"] for line in greedy.read_text().splitlines()]
+    assert greedy_answers != list(runs["a"].values())
+    # the same seed over the same batches draws the same answers
+    rerun = tmp_path / "rerun.jsonl"
+    generate_answers(target, tokenizer, rerun, chats, temperature=1.5, seed=0, max_new_tokens=10, batch_size=5,
+                     progress=False)
+    assert [json.loads(line)["conversations"][1]["value"] for line in rerun.read_text().splitlines()] == list(
+        runs["a"].values())
+
+
+def test_self_distill_cli_rejects_bad_turns_and_temperature(capsys):
+    from clover2_hf.tools.cli import main
+
+    for flag, value, expected in (("--turns", "0", "expected 'all' or an integer >= 1"),
+                                  ("--turns", "some", "expected 'all' or an integer >= 1"),
+                                  ("--temperature", "-1", "expected a number >= 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["self-distill", "--output", "x.jsonl", flag, value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+
+
 def _stub_training(monkeypatch, target):
     import clover2_hf.tools.recipes as recipes_module
     import clover2_hf.tools.targets as targets_module

@@ -91,6 +91,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _turns(text: str) -> int | None:
+    """argparse type: 'all' -> None, else an integer >= 1."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or an integer >= 1, got {text!r}") from None
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -366,13 +386,19 @@ def _self_distill_parser(sub) -> None:
     p = sub.add_parser("self-distill", help="let the target answer the data's prompts (training data in its own words)")
     p.add_argument("--output", required=True, help="ShareGPT-format JSONL; appended to and resumed when it exists")
     _target_arg(p)
-    p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL whose first user turns are answered "
+    p.add_argument("--data", default=None, help="ShareGPT/messages JSON or JSONL whose user turns are answered "
                                                  "(default: ShareGPT wheel)")
     p.add_argument("--max-prompts", type=_positive_int, default=None,
                    help="first N usable prompts of the data (default: all)")
     p.add_argument("--max-prompt-tokens", type=_positive_int, default=384, help="longer prompts are skipped")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="answer length cap (tokens)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per generate call")
+    p.add_argument("--turns", type=_turns, default=1,
+                   help="user turns answered per conversation, in order: a number or 'all' (later turns see the "
+                        "target's own earlier answers; default 1)")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                   help="0: greedy answers (default); above 0: sampled at this temperature")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampled answers (each seed is its own variant)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="conversations per generate call")
     p.add_argument("--bf16", action="store_true", help="run the target in bf16")
     p.add_argument("--max-hours", type=_positive_float, default=None,
                    help="stop after the batch that passes this wall time (default: no limit)")
@@ -389,7 +415,8 @@ def _self_distill(args) -> None:
     target.to(local_device())
     summary = generate_answers(
         target, tokenizer, args.output, args.data, max_prompts=args.max_prompts,
-        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, turns=args.turns,
+        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
         max_hours=args.max_hours, progress=not args.no_progress,
     )
     print(summary)
