@@ -50,6 +50,12 @@ class Clover2Config(PreTrainedConfig):
             p_w, weight of the soft cross-entropy against the target's next-token distribution.
         depth_decay (`float`, defaults to 0.7):
             Loss weight of depth i is `depth_decay ** i`.
+        feature_layers (`list[int]`, *optional*):
+            Target decoder layers (0-based) whose outputs are fused into the drafter's input beside h_t, as
+            EAGLE-3 fuses low-, mid- and high-level features: the input becomes
+            h_t + W_f [RMSNorm(f_l1); ...; RMSNorm(f_lk)], with W_f initialised at zero so that a drafter
+            grown this way starts out exactly as the h_t-only drafter it continues. `None` (the default)
+            reads h_t only, as the paper does.
         draft_vocab_size (`int`, *optional*):
             When set, the heads score only this many target tokens (the most frequent ones in the
             training data, stored in the `d2t` buffer); drafted ids are mapped back to target ids, so
@@ -103,6 +109,7 @@ class Clover2Config(PreTrainedConfig):
     distillation_loss_weight: float = 1.0
     depth_decay: float = 0.7
     draft_vocab_size: int | None = None
+    feature_layers: list[int] | None = None
     base_model_name_or_path: str | None = None
     decoding: Literal["tree", "chain"] = "tree"
     tree_type: Literal["dynamic", "static"] = "dynamic"
@@ -139,6 +146,8 @@ class Clover2Config(PreTrainedConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.depth_decay <= 1.0:
             raise ValueError(f"depth_decay must be in (0, 1], got {self.depth_decay}")
+        if self.feature_layers is not None:
+            self.feature_layers = check_feature_layers(self.feature_layers, tc.num_hidden_layers)
         if self.draft_vocab_size is not None:
             _check_int("draft_vocab_size", self.draft_vocab_size, 1)
             if self.draft_vocab_size > tc.vocab_size:
@@ -160,6 +169,24 @@ class Clover2Config(PreTrainedConfig):
 def _check_int(name: str, value: object, minimum: int, also: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}{' ' + also if also else ''}, got {value!r}")
+
+
+def check_feature_layers(layers, num_target_layers: int) -> list[int]:
+    """`layers` as a list of distinct target layer indices in [0, num_target_layers - 2], or a ValueError.
+
+    The last layer's output is h_t itself, which the drafter always reads."""
+    last = num_target_layers - 2
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i <= last for i in layers)
+        or len(set(layers)) != len(layers)
+    ):
+        raise ValueError(
+            f"feature_layers must be distinct target decoder layer indices in [0, {last}] (layer {last + 1}'s "
+            f"output is h_t, which the drafter always reads), got {layers!r}"
+        )
+    return list(layers)
 
 
 def check_decoding_options(options) -> None:

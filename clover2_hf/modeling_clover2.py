@@ -12,7 +12,8 @@ Per draft step at position t (notation of the paper; H = hidden size, V = target
               o_i = HeadNorm(FC2([r_i ; E[y_i]]))
     logits_i = lm_head(o_i)
 
-h_t is the target's last-layer hidden state BEFORE its final norm; E and lm_head are the target's
+h_t is the target's last-layer hidden state BEFORE its final norm (with `feature_layers`, h_t plus a fused
+projection of earlier layers' outputs: `fuse_features`); E and lm_head are the target's
 output head weight (V x H). They are never stored in this model: `attach_target` borrows them from
 the target at run time, so a checkpoint holds draft weights only.
 
@@ -182,6 +183,8 @@ class Clover2PreTrainedModel(PreTrainedModel):
             _identity_plus_noise_(module.weight, noise)
         elif rule == "noise":
             init.uniform_(module.weight, 0.0, noise)
+        elif rule == "zeros":
+            init.zeros_(module.weight)
         if rule is not None and module.bias is not None:
             init.zeros_(module.bias)
         if (
@@ -248,6 +251,13 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
         self.fc2 = nn.Linear(2 * hidden, hidden, bias=True)
         self.head_norm = norm_cls(hidden, eps=eps)  # HeadNorm, shared by all depths
         self.fc1._clover2_init = self.fc2._clover2_init = "identity"
+        if config.feature_layers:  # EAGLE-3-style fusion of earlier target layers (see `fuse_features`)
+            num_features = len(config.feature_layers)
+            self.feature_norms = nn.ModuleList([Clover2RMSNorm(hidden, eps=eps) for _ in range(num_features)])
+            self.feature_fc = nn.Linear(num_features * hidden, hidden, bias=False)
+            self.feature_fc._clover2_init = "zeros"  # starts as the h_t-only drafter
+        else:
+            self.feature_norms = self.feature_fc = None
         if config.draft_vocab_size is not None:
             # d2t[j] = target token id of draft-vocabulary entry j
             self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long), persistent=True)
@@ -373,6 +383,33 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
 
     # ------------------------------------------------------------------ building blocks
 
+    @property
+    def feature_width(self) -> int:
+        """Width of the captured target features the drafter reads: H, or (1 + k) H with k feature layers."""
+        return self.config.hidden_size * (1 + len(self.config.feature_layers or ()))
+
+    def fuse_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The drafter's input state from captured target features: [..., feature_width] -> [..., H].
+
+        Without feature layers this is h_t itself. With k feature layers, `features` is [h_t ; f_1 ; ... ; f_k]
+        (`generation.capture.PreNormCapture`) and the result is h_t + W_f [RMSNorm(f_1); ...; RMSNorm(f_k)]:
+        each earlier layer is normalised first (their scales differ by an order of magnitude), and W_f starts
+        at zero.
+        """
+        if features.shape[-1] != self.feature_width:
+            raise ValueError(
+                f"the drafter reads target features of width {self.feature_width} (hidden size "
+                f"{self.config.hidden_size}, feature_layers {self.config.feature_layers}), got {features.shape[-1]}: "
+                "capture them with PreNormCapture(target, draft.config.feature_layers)"
+            )
+        features = features.to(self.fc1.weight.dtype)
+        if self.feature_fc is None:
+            return features
+        hidden = self.config.hidden_size
+        parts = features[..., hidden:].split(hidden, dim=-1)  # k x [..., H]
+        fused = torch.cat([norm(part) for norm, part in zip(self.feature_norms, parts)], dim=-1)  # [..., k H]
+        return features[..., :hidden] + self.feature_fc(fused)
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """E[token_ids]: rows of the target's head weight. token_ids [...] target ids -> [..., H]."""
         weight = self.target_head.weight
@@ -422,7 +459,8 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
         """Steps 2-3 of the paper over S new positions: c = norm(AugmentingBlock(A1(h, E[x_next]))).
 
         Args:
-            hidden_states: [B, S, H] the target's pre-norm last hidden states h_t.
+            hidden_states: [B, S, feature_width] the target's pre-norm last hidden states h_t (followed by the
+                feature layers' outputs when the drafter has `feature_layers`; see `fuse_features`).
             next_input_ids: [B, S] the token that follows each of those positions (x_{t+1}).
             attention_mask: optional [B, past + S] 2D padding mask (1 = real token).
             position_ids: optional [B, S] absolute positions; default continues from the cache length.
@@ -433,7 +471,7 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
         # relies on `config._attn_implementation` selecting the layers' attention kernel at call time (private);
         # caught by tests/test_decoding.py::test_greedy_identical_across_attention_kernels_and_dtypes
         self._augmenting_config._attn_implementation = self.config._attn_implementation
-        states = self.input_cell(hidden_states.to(self.fc1.weight.dtype), self.embed(next_input_ids))  # s_t
+        states = self.input_cell(self.fuse_features(hidden_states), self.embed(next_input_ids))  # s_t
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + states.shape[1], device=states.device).unsqueeze(0)
@@ -486,7 +524,7 @@ class Clover2ForDrafting(Clover2PreTrainedModel):
         """All depths over a sequence, teacher-forced (training and evaluation).
 
         Args:
-            hidden_states: [B, T, H] target pre-norm hidden states h_t.
+            hidden_states: [B, T, feature_width] target pre-norm hidden states h_t (and feature layers).
             next_input_ids: [B, T] x_{t+1}, the token after each position. Depth i at position t reads
                 `next_input_ids[:, t + i]`; beyond T it reads token 0, and those outputs are meaningless
                 (a loss must mask positions t + i + 1 >= T).

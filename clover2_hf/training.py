@@ -43,7 +43,8 @@ __all__ = ["TargetFeatures", "target_features", "precomputed_features", "distill
 class TargetFeatures:
     """What the losses need from the frozen target for a batch.
 
-    hidden: [B, T, H] pre-norm last hidden states h_t (the drafter's input).
+    hidden: [B, T, H] pre-norm last hidden states h_t (the drafter's input), or [B, T, (1 + k) H] with the
+        outputs of k feature layers after h_t (`Clover2Config.feature_layers`).
     post_norm: [B, T, H] g_t = norm(h_t) (regression labels).
     """
 
@@ -52,23 +53,24 @@ class TargetFeatures:
 
 
 @torch.no_grad()
-def target_features(target, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetFeatures:
-    """Run the frozen target's decoder once (no lm_head) and capture h and g = norm(h)."""
-    with PreNormCapture(target) as capture:
+def target_features(target, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    feature_layers: list[int] | None = None) -> TargetFeatures:
+    """Run the frozen target's decoder once (no lm_head) and capture h (and the feature layers) and g = norm(h)."""
+    with PreNormCapture(target, feature_layers) as capture:
         target.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return TargetFeatures(hidden=capture.hidden, post_norm=capture.post_norm)
 
 
 @torch.no_grad()
 def precomputed_features(target, hidden: torch.Tensor) -> TargetFeatures:
-    """Features from stored pre-norm hidden states h [B, T, H]: g = the target's final norm(h).
+    """Features from stored pre-norm hidden states h [B, T, H] (or [B, T, (1 + k) H], h first): g = norm(h).
 
     h is cast to the target's dtype and device first, so g is computed as `target_features` would
     (exactly so from a float32 store of a float32 target)."""
     norm = target.get_decoder().norm
     weight = getattr(norm, "weight", None)  # the norm's own device (a sharded target may spread layers)
     hidden = hidden.to(device=target.device if weight is None else weight.device, dtype=target.dtype)
-    return TargetFeatures(hidden=hidden, post_norm=norm(hidden))
+    return TargetFeatures(hidden=hidden, post_norm=norm(hidden[..., : target.config.get_text_config().hidden_size]))
 
 
 def _shift(x: torch.Tensor, offset: int, length: int) -> torch.Tensor:
@@ -173,7 +175,8 @@ class Clover2Trainer(Trainer):
         if "hidden_states" in inputs:  # precomputed h (clover2_hf.tools.features): only the target's norm runs
             features = precomputed_features(self.target, inputs["hidden_states"])
         else:
-            features = target_features(self.target, ids.to(self.target.device), attention_mask)
+            features = target_features(self.target, ids.to(self.target.device), attention_mask,
+                                       self._unwrapped_draft().config.feature_layers)
         draft = self._unwrapped_draft()
         next_ids = F.pad(ids[:, 1:], (0, 1))  # x_{t+1}; the last position has none (masked out)
         out = model(

@@ -5,7 +5,9 @@ target (SmolLM2-135M-Instruct, bf16 on the GPU) answers the ShareGPT first user 
 stages did not answer (`clover2_hf.tools.selfdistill.generate_answers`), then the drafter continues from the
 shipped weights on all self-distilled answers (`clover2_hf.tools.recipes.train`). Both steps are the same
 code that `clover2 self-distill` and `clover2 train --init-from` run; this script only chains them
-with one wall-clock budget and packs the results into files small enough to copy back.
+with one wall-clock budget and packs the results into files small enough to copy back. `--turns`,
+`--temperature` / `--distill-seed` and `--feature-layers` pass the same options of `clover2 self-distill`
+and `clover2 train` (later user turns, sampled answers, a drafter grown by fused target layers).
 
     python scripts/gpu_distill.py --prompts prompts.jsonl.gz --answers answers.jsonl.gz \
         --distill-minutes 2.5 --train-minutes 4 --train-steps 1200 --out OUT
@@ -45,7 +47,7 @@ def _recipe(args, target: str | None, data: Path, output_dir: Path, steps: int, 
         max_length=args.max_length, max_eval_examples=args.max_eval_examples, max_steps=steps,
         batch_size=args.batch_size, grad_accum=1, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, save_steps=10**9, eval_steps=10**9, logging_steps=args.logging_steps,
-        bf16=True, save_dtype="bfloat16", max_hours=minutes / 60, seed=args.seed,
+        bf16=True, save_dtype="bfloat16", max_hours=minutes / 60, seed=args.seed, feature_layers=args.feature_layers,
         command="python scripts/gpu_distill.py " + " ".join(args.argv),
     )
 
@@ -81,7 +83,8 @@ def run(args) -> None:
     target, tokenizer = load_target(None, dtype=torch.bfloat16)
     target.to(args.device)
     summary = generate_answers(target, tokenizer, answers, prompts, max_new_tokens=args.max_new_tokens,
-                               max_prompt_tokens=args.max_prompt_tokens, batch_size=args.distill_batch,
+                               max_prompt_tokens=args.max_prompt_tokens, turns=args.turns,
+                               temperature=args.temperature, seed=args.distill_seed, batch_size=args.distill_batch,
                                max_hours=args.distill_minutes / 60, progress=False)
     print(f"SELFDISTILL {summary}", flush=True)
     del target
@@ -107,7 +110,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--answers", required=True, help="gzipped JSONL of earlier self-distilled answers")
-    p.add_argument("--prompts", help="gzipped JSONL of conversations whose first user turns are answered")
+    p.add_argument("--prompts", help="gzipped JSONL of conversations whose user turns are answered")
     p.add_argument("--init-from", default=str(HUB), help="the drafter to continue (default: the shipped one)")
     p.add_argument("--work", default="/tmp/gpu_distill")
     p.add_argument("--out", default="out")
@@ -119,6 +122,12 @@ def main() -> None:
     p.add_argument("--distill-batch", type=int, default=1024)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--turns", type=lambda v: None if v == "all" else int(v), default=1,
+                   help="user turns answered per conversation (a number or 'all'; clover2 self-distill --turns)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers; above 0: sampled")
+    p.add_argument("--distill-seed", type=int, default=0, help="seed of sampled answers")
+    p.add_argument("--feature-layers", type=lambda v: [int(i) for i in v.split(",")], default=None,
+                   help="grow the drafter by these fused target layers (clover2 train --feature-layers)")
     p.add_argument("--train-minutes", type=float, default=4.0)
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32, help="conversations per optimizer step")

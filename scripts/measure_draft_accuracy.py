@@ -6,7 +6,8 @@ On that text the script measures
     tokens up to x_{t+1+i}) against the target's argmax for x_{t+2+i}, answer positions only (the
     quantity `clover2 evaluate` reports on held-out training data);
   * decoding acceptance: Clover-2 tree decoding (lookup path off) with budget 1 / top-k 1 (depth 0 only: the fraction of
-    steps whose draft is accepted) and with budget N / top-k 1 (a chain: P(accepted >= d) and tau);
+    steps whose draft is accepted), with budget N / top-k 1 (a chain: P(accepted >= d) and tau) and with a fixed
+    tree (`--tree`, default budget 4 / top-k 4, the tree `clover2 tune` chose for the first shipped drafter: tau);
 and checks that both decodings return plain `generate()`'s tokens. Depth-0 acceptance well below the
 teacher-forced depth-0 top-1 would point at a train/inference mismatch (hidden states, positions,
 cache); equal numbers mean the drafter itself is the limit.
@@ -33,7 +34,7 @@ from clover2_hf.training import target_features
 def teacher_forced_hits(target, draft, ids: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hits, counts) per depth over the answer part of `ids` [1, T]."""
     depths = draft.config.num_draft_depths
-    features = target_features(target, ids)
+    features = target_features(target, ids, feature_layers=draft.config.feature_layers)
     target_next = target.lm_head(features.post_norm).argmax(-1)[0]  # [T]: the target's x_{t+1}
     next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # x_{t+1} at t (the last one is never scored)
     out = draft(features.hidden, next_ids, return_logits=True)
@@ -56,42 +57,47 @@ def main() -> None:
     p.add_argument("--questions", default=None, help="question JSONL (default: bundled MT-Bench)")
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--tree", default="4,4", help="BUDGET,TOP_K of the fixed tree whose tau is reported")
     p.add_argument("--output", default=None)
     args = p.parse_args()
+    tree = tuple(int(v) for v in args.tree.split(","))
 
     target, tokenizer = load_default_target(dtype=torch.float32)
     draft = Clover2ForDrafting.from_pretrained(args.draft, dtype=torch.float32).eval().attach_target(target)
     draft.config.tree_lookup_tokens = 0  # the drafter alone: no prompt-lookup path in the tree
     depths = draft.config.num_draft_depths
     hits, counts = torch.zeros(depths), torch.zeros(depths)
-    accepted = {1: [], depths: []}  # accepted draft tokens per step, budget 1 and a chain of `depths`
+    # accepted draft tokens per step: budget 1, a chain of `depths`, the fixed tree
+    accepted = {(1, 1): [], (depths, 1): [], tree: []}
     for question in load_questions(args.questions, None, args.per_category):
         ids = encode_chat(tokenizer, [{"role": "user", "content": question.turns[0]}], target.device)
         plain = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                 do_sample=False)
         h, c = teacher_forced_hits(target, draft, plain, ids.shape[1])
         hits, counts = hits + h, counts + c
-        for budget in accepted:
-            draft.config.tree_budget, draft.config.tree_top_k = budget, 1
+        for budget, top_k in accepted:
+            draft.config.tree_budget, draft.config.tree_top_k = budget, top_k
             stats = Clover2Stats()
             out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                   do_sample=False, assistant_model=draft, clover2_stats=stats)
             if not torch.equal(out, plain):
                 raise SystemExit(f"question {question.question_id}: Clover-2 output differs from plain generate")
-            accepted[budget].extend(stats.accepted_depths)
-    chain = Counter(accepted[depths])
-    steps = len(accepted[depths])
+            accepted[budget, top_k].extend(stats.accepted_depths)
+    chain = Counter(accepted[depths, 1])
+    steps = len(accepted[depths, 1])
     result = {
         "draft": args.draft,
         "questions_per_category": args.per_category,
         "max_new_tokens": args.max_new_tokens,
         "teacher_forced_top1": [round(float(h / max(c, 1)), 4) for h, c in zip(hits, counts)],
         "teacher_forced_positions": [int(c) for c in counts],
-        "decode_depth0_acceptance": round(sum(accepted[1]) / max(len(accepted[1]), 1), 4),
-        "decode_depth0_steps": len(accepted[1]),
+        "decode_depth0_acceptance": round(sum(accepted[1, 1]) / max(len(accepted[1, 1]), 1), 4),
+        "decode_depth0_steps": len(accepted[1, 1]),
         "chain_p_accepted_at_least": [round(sum(v for k, v in chain.items() if k >= d) / max(steps, 1), 4)
                                       for d in range(1, depths + 1)],
-        "chain_tau": round(1 + sum(accepted[depths]) / max(steps, 1), 4),
+        "chain_tau": round(1 + sum(accepted[depths, 1]) / max(steps, 1), 4),
+        "tree": {"budget": tree[0], "top_k": tree[1],
+                 "tau": round(1 + sum(accepted[tree]) / max(len(accepted[tree]), 1), 4)},
         "identical_to_plain": True,
     }
     print(json.dumps(result, indent=2))

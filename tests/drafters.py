@@ -11,9 +11,9 @@ from clover2_hf import Clover2ForDrafting
 from clover2_hf.generation.capture import PreNormCapture
 
 
-def target_features(target, ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] token ids -> [B, T, H] pre-norm last hidden states of the target."""
-    with PreNormCapture(target) as capture, torch.no_grad():
+def target_features(target, ids: torch.Tensor, feature_layers: list[int] | None = None) -> torch.Tensor:
+    """[B, T] token ids -> [B, T, H] pre-norm last hidden states of the target ([B, T, (1 + k) H] with feature layers)."""
+    with PreNormCapture(target, feature_layers) as capture, torch.no_grad():
         target(input_ids=ids)
     return capture.hidden
 
@@ -28,7 +28,7 @@ def train_on_own_outputs(target, steps: int = 150, seqs: int = 24, length: int =
         rows = [target.generate(p[None], max_new_tokens=length, do_sample=False, min_new_tokens=length)[0]
                 for p in prompts]
     ids = torch.stack(rows)  # [S, 4 + length]
-    hidden = target_features(target, ids)
+    hidden = target_features(target, ids, config.get("feature_layers"))
     torch.manual_seed(seed)
     draft = Clover2ForDrafting.from_target(target, **config)
     draft.train()

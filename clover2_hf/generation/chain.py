@@ -52,7 +52,7 @@ class Clover2ChainCandidateGenerator(CandidateGenerator):
         self.max_length = generation_config.max_length
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.stats = stats
-        self.capture = PreNormCapture(target)
+        self.capture = PreNormCapture(target, draft.config.feature_layers)
         self.draft_cache = draft.new_cache()
         self.device = draft.fc1.weight.device
 

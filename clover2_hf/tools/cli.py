@@ -121,15 +121,24 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int_list(text: str) -> list[int]:
-    """argparse type: "4,8,16" -> [4, 8, 16]; every value an integer >= 1, at least one."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
+def _int_list_at_least(minimum: int):
+    """argparse type: "4,8,16" -> [4, 8, 16]; every value an integer >= `minimum`, at least one."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {minimum}, got {text!r}")
+        return values
+
+    parse.__name__ = f"integers >= {minimum}"
+    return parse
+
+
+_positive_int_list = _int_list_at_least(1)
+_non_negative_int_list = _int_list_at_least(0)
 
 
 # Options some parsers declare as plain int/str: `main` checks them after parsing, by destination.
@@ -261,6 +270,10 @@ def _train_parser(sub) -> None:
                    help="heads N (default 5, or the --init-from drafter's)")
     p.add_argument("--num-augmenting-layers", type=_positive_int, default=None,
                    help="augmenting decoder layers (default 2, or the --init-from drafter's)")
+    p.add_argument("--feature-layers", type=_non_negative_int_list, default=None, metavar="I,J,...",
+                   help="also fuse the outputs of these target decoder layers (0-based) into the drafter's input, as "
+                        "EAGLE-3 does (default: none, or the --init-from drafter's; with --init-from of a drafter "
+                        "without them, the fusion is added with zero weights)")
     p.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the training data")
     p.add_argument("--max-steps", type=_max_steps, default=-1, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="conversations per device per micro-batch")

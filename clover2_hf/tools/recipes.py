@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from ..configuration_clover2 import Clover2Config, check_feature_layers
 from ..data import ConversationCollator, build_examples, token_frequencies
 from ..modeling_clover2 import Clover2ForDrafting
 from ..training import Clover2Trainer
@@ -37,6 +38,7 @@ class TrainRecipe:
     init_from: str | None = None
     num_draft_depths: int | None = None  # None: Clover2Config's default (5), or the --init-from drafter's
     num_augmenting_layers: int | None = None  # None: Clover2Config's default (2), or the --init-from drafter's
+    feature_layers: list[int] | None = None  # None: h_t only, or the --init-from drafter's; see Clover2Config
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 1
@@ -58,6 +60,9 @@ class TrainRecipe:
 
 def train(recipe: TrainRecipe) -> Clover2ForDrafting:
     """Train a drafter for `recipe.target` on conversations and save it to `recipe.output_dir`."""
+    if recipe.features and recipe.feature_layers:
+        raise ValueError("--features: a feature store holds h_t only, and --feature-layers needs the outputs of those "
+                         "target layers too; leave out --features (features are then computed on the fly)")
     start = time.time()
     torch.manual_seed(recipe.seed)
     dtype = torch.bfloat16 if recipe.bf16 else torch.float32
@@ -87,6 +92,8 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
                                    ("num_augmenting_layers", recipe.num_augmenting_layers)) if v is not None}
     if recipe.draft_vocab_size:
         overrides["draft_vocab_size"] = recipe.draft_vocab_size
+    if recipe.feature_layers:
+        overrides["feature_layers"] = recipe.feature_layers
     if recipe.target is None:
         overrides["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     if recipe.init_from:
@@ -190,18 +197,30 @@ def evaluate_drafter(draft_dir: str, target: str | None = None, data: str | None
 def _drafter_to_continue(recipe: TrainRecipe, target) -> Clover2ForDrafting:
     """The drafter saved in `recipe.init_from`, attached to `target`, in float32 (the optimizer's copy).
 
-    Its architecture and draft vocabulary are kept: options that would change them are refused."""
-    draft = Clover2ForDrafting.from_pretrained(recipe.init_from, dtype=torch.float32)
+    Its architecture and draft vocabulary are kept: options that would change them are refused. The one
+    change allowed is growing an h_t-only drafter by `--feature-layers`: the fusion weights start at zero,
+    so the grown drafter starts out computing exactly what the saved one computes."""
+    config = Clover2Config.from_pretrained(recipe.init_from)
+    if recipe.feature_layers and not config.feature_layers:
+        config.feature_layers = check_feature_layers(recipe.feature_layers, config.text_config.num_hidden_layers)
+        logger.info("growing the drafter of %s by feature layers %s (fusion weights start at zero)",
+                    recipe.init_from, config.feature_layers)
+    draft = Clover2ForDrafting.from_pretrained(recipe.init_from, config=config, dtype=torch.float32)
     cfg = draft.config
     wanted = {"num_draft_depths": recipe.num_draft_depths, "num_augmenting_layers": recipe.num_augmenting_layers,
-              "draft_vocab_size": recipe.draft_vocab_size}
+              "draft_vocab_size": recipe.draft_vocab_size, "feature_layers": recipe.feature_layers}
     wanted = {k: v for k, v in wanted.items() if v is not None}  # only what the user asked for
-    clashes = [f"--{k.replace('_', '-')} {v} (the drafter has {getattr(cfg, k)})"
+    clashes = [f"--{k.replace('_', '-')} {_as_option(v)} (the drafter has {_as_option(getattr(cfg, k))})"
                for k, v in wanted.items() if getattr(cfg, k) != v]
     if clashes:
         raise ValueError(f"--init-from {recipe.init_from}: " + "; ".join(clashes) + ". Leave these options out or "
                          "match the drafter being continued.")
     return draft.to(target.device).attach_target(target)
+
+
+def _as_option(value) -> str:
+    """A value as it is written on the command line: [2, 15] -> "2,15"."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 class _WallClockLimit(TrainerCallback):

@@ -172,12 +172,12 @@ def measure_draft_time(draft, top_ks: Sequence[int], context_length: int = 256, 
     growing at depth `budget`, as `build_tree` does."""
     device = draft.fc1.weight.device
     dtype = draft.fc1.weight.dtype
-    hidden, vocab = draft.config.hidden_size, draft.config.vocab_size
+    vocab = draft.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     cache = draft.new_cache()
-    draft.augment(torch.randn(1, max(context_length, 1), hidden, generator=g).to(device, dtype),
+    draft.augment(torch.randn(1, max(context_length, 1), draft.feature_width, generator=g).to(device, dtype),
                   torch.randint(0, vocab, (1, max(context_length, 1)), generator=g).to(device), cache=cache)
-    states = torch.randn(1, augment_tokens, hidden, generator=g).to(device, dtype)
+    states = torch.randn(1, augment_tokens, draft.feature_width, generator=g).to(device, dtype)
     ids = torch.randint(0, vocab, (1, augment_tokens), generator=g).to(device)
     steps = {}
     for k in sorted(set(int(k) for k in top_ks)):
@@ -228,7 +228,7 @@ def measure_tokens_per_step(target, draft, prompts: Sequence[torch.Tensor], budg
         P, L = prompt.shape[1], seq.shape[1]
         if L - P < 2:
             continue  # nothing to draft after the first new token
-        capture = PreNormCapture(target)
+        capture = PreNormCapture(target, draft.config.feature_layers)
         try:
             target(input_ids=seq)
             hidden = capture.hidden  # [1, L, H] pre-norm states

@@ -76,7 +76,7 @@ def augment_static(draft: Clover2ForDrafting, kv: DraftKV, hidden: torch.Tensor,
     hidden [1, A, H] pre-norm target states; next_ids [1, A] the token after each. Returns [1, A, H] c_t."""
     draft._augmenting_config._attn_implementation = draft.config._attn_implementation  # as `augment` does
     width = hidden.shape[1]
-    states = draft.input_cell(hidden.to(draft.fc1.weight.dtype), draft.embed(next_ids))
+    states = draft.input_cell(draft.fuse_features(hidden), draft.embed(next_ids))
     positions = start + torch.arange(width, device=start.device)  # [A]
     kv.positions = positions
     slots = torch.arange(kv.max_length, device=start.device)

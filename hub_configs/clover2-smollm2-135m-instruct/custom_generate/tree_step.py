@@ -238,7 +238,7 @@ def clover2_tree_decode(
     stats.prompt_tokens = input_ids.shape[1]
     t_start = time.perf_counter()
 
-    capture = PreNormCapture(model)
+    capture = PreNormCapture(model, draft.config.feature_layers)
     verify_linears, verify_gqa = CpuVerifyLinears(model, enabled=settings.wide_linear), CpuMaskedGqa(model)
     try:
         stats.walk = walk
