@@ -79,6 +79,22 @@ def test_resume_reads_answers_holding_unicode_line_separators(target_and_tokeniz
     assert _done_ids(out) == {"u1"}
 
 
+def test_repeated_prompts_are_answered_once(target_and_tokenizer, tmp_path, one_thread):
+    target, tokenizer = target_and_tokenizer
+    chats = _chats(4)
+    chats[3]["conversations"] = [dict(turn) for turn in chats[1]["conversations"]]  # c3 asks what c1 asks
+    chats[3]["conversations"][1]["value"] = "another answer, the same question"
+    out = tmp_path / "a.jsonl"
+    summary = generate_answers(target, tokenizer, out, chats, max_new_tokens=4, batch_size=2, progress=False)
+    assert summary.skipped["duplicate_prompt"] == 1
+    assert "c3" not in {json.loads(line)["id"] for line in out.read_text().splitlines()}
+    # with two turns the prompts differ (c3's second turn is its own): both are answered
+    chats[3]["conversations"][2]["value"] = "a different second question"
+    summary = generate_answers(target, tokenizer, tmp_path / "b.jsonl", chats, turns=2, max_new_tokens=4,
+                               batch_size=2, progress=False)
+    assert summary.skipped["duplicate_prompt"] == 0
+
+
 def test_long_prompts_are_skipped_and_counted(target_and_tokenizer, tmp_path, one_thread):
     target, tokenizer = target_and_tokenizer
     chats = _chats(3)

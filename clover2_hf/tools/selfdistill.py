@@ -220,6 +220,8 @@ def generate_answers(
         output_path: the JSONL file; appended to, and resumed when it exists.
         source: conversations, as `data.load_conversations` takes them (None: the ShareGPT wheel).
         max_prompts: use the first N usable conversations of the source (answered ones included).
+            A conversation whose prompts (system turn and the user turns to answer) repeat an earlier one's
+            in the source is skipped ("duplicate_prompt").
         max_prompt_tokens: a first prompt longer than this (after the chat template) skips its conversation;
             a later prompt longer than this ends its conversation there.
         max_new_tokens: answer length cap in tokens (answers cut there are recorded as "length").
@@ -246,6 +248,7 @@ def generate_answers(
     summary = SelfDistillSummary()
     done = _done_ids(path)
     chats: list[_Chat] = []
+    seen_prompts: set[str] = set()  # ShareGPT repeats prompts under other ids: answer each one once per run
     conversations = load_conversations(source)
     preparing = None
     if progress:  # tokenizing every prompt of a large source takes a while: show it (with its ETA)
@@ -263,6 +266,11 @@ def generate_answers(
             summary.already_done += 1
             continue
         system, user_turns = _split_turns(conversation.messages)
+        key = hashlib.sha256(json.dumps(system + user_turns[:turns], ensure_ascii=False).encode()).hexdigest()
+        if key in seen_prompts:
+            summary.skipped["duplicate_prompt"] += 1
+            continue
+        seen_prompts.add(key)
         ids = _prompt_ids(tokenizer, system + user_turns[:1])
         if len(ids) > max_prompt_tokens:
             summary.skipped["prompt_too_long"] += 1
