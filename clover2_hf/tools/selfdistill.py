@@ -262,15 +262,15 @@ def generate_answers(
         if preparing is not None:
             preparing.update(1)
         record_id = variant_id(conversation.id, turns, temperature, seed)
-        if record_id in done:
-            summary.already_done += 1
-            continue
         system, user_turns = _split_turns(conversation.messages)
         key = hashlib.sha256(json.dumps(system + user_turns[:turns], ensure_ascii=False).encode()).hexdigest()
-        if key in seen_prompts:
+        if key in seen_prompts:  # checked before `done`, so a resumed run skips what a whole run skips
             summary.skipped["duplicate_prompt"] += 1
             continue
         seen_prompts.add(key)
+        if record_id in done:
+            summary.already_done += 1
+            continue
         ids = _prompt_ids(tokenizer, system + user_turns[:1])
         if len(ids) > max_prompt_tokens:
             summary.skipped["prompt_too_long"] += 1
