@@ -670,17 +670,26 @@ def render_conversation(
 # --------------------------------------------------------------------------------------------------
 
 
+# The suffixes `tools.selfdistill.variant_id` appends to a source id for a self-distilled variant (repeated when
+# a self-distilled file is itself the source): `#turns=all`, `#turns=3`, `#T=0.7,seed=1`, `#turns=2,T=1e-05,seed=-4`.
+_SAMPLED = r"T=(?:inf|[0-9]+(?:\.[0-9]+)?(?:e[+-][0-9]+)?),seed=-?[0-9]+"
+_VARIANT_SUFFIX = re.compile(rf"(?:#(?:turns=(?:all|[0-9]+)(?:,{_SAMPLED})?|{_SAMPLED}))+\Z")
+
+
 def split_of(record_id: str, eval_fraction: float = 0.05) -> Literal["train", "eval"]:
     """Deterministic split of a record: ``"eval"`` for a fraction ``eval_fraction`` of ids.
 
     Uses the first 8 bytes of SHA-256(id) as a uniform number in [0, 1): stable across runs,
     platforms and Python hash seeds, and independent of record order. Records sharing an id share a
     split, and so do the variants `abc#...` of a record `abc` (self-distilled answers of other turns,
-    temperatures or seeds: `tools.selfdistill.variant_id`): only the part before the first `#` is hashed.
+    temperatures or seeds: `tools.selfdistill.variant_id`): such suffixes (`#turns=...`, `#T=...,seed=...`,
+    `#turns=...,T=...,seed=...`, repeated for a variant of a variant) are removed before hashing, and nothing
+    else, so ids that merely contain a `#` are hashed whole.
     """
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
-    digest = hashlib.sha256(str(record_id).split("#", 1)[0].encode("utf-8")).digest()
+    source_id = _VARIANT_SUFFIX.sub("", str(record_id))
+    digest = hashlib.sha256(source_id.encode("utf-8")).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
     return "eval" if u < eval_fraction else "train"
 

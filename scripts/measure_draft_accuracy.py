@@ -51,53 +51,64 @@ def teacher_forced_hits(target, draft, ids: torch.Tensor, prompt_len: int) -> tu
     return hits, counts
 
 
+def _budget_top_k(text: str) -> tuple[int, int]:
+    try:
+        budget, top_k = (int(v) for v in text.split(","))
+    except ValueError:
+        budget = top_k = 0
+    if min(budget, top_k) < 1:
+        raise argparse.ArgumentTypeError(f"expected BUDGET,TOP_K (two integers >= 1), got {text!r}")
+    return budget, top_k
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--draft", required=True)
     p.add_argument("--questions", default=None, help="question JSONL (default: bundled MT-Bench)")
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--tree", default="4,4", help="BUDGET,TOP_K of the fixed tree whose tau is reported")
+    p.add_argument("--tree", default="4,4", type=_budget_top_k, help="BUDGET,TOP_K of the fixed tree whose tau is reported")
     p.add_argument("--output", default=None)
     args = p.parse_args()
-    tree = tuple(int(v) for v in args.tree.split(","))
+    tree = args.tree
 
     target, tokenizer = load_default_target(dtype=torch.float32)
     draft = Clover2ForDrafting.from_pretrained(args.draft, dtype=torch.float32).eval().attach_target(target)
     draft.config.tree_lookup_tokens = 0  # the drafter alone: no prompt-lookup path in the tree
     depths = draft.config.num_draft_depths
     hits, counts = torch.zeros(depths), torch.zeros(depths)
-    # accepted draft tokens per step: budget 1, a chain of `depths`, the fixed tree
-    accepted = {(1, 1): [], (depths, 1): [], tree: []}
+    # accepted draft tokens per step: budget 1, a chain of `depths`, the fixed tree (named: two may coincide)
+    settings = {"depth0": (1, 1), "chain": (depths, 1), "tree": tree}
+    accepted = {name: [] for name in settings}
     for question in load_questions(args.questions, None, args.per_category):
         ids = encode_chat(tokenizer, [{"role": "user", "content": question.turns[0]}], target.device)
         plain = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                 do_sample=False)
         h, c = teacher_forced_hits(target, draft, plain, ids.shape[1])
         hits, counts = hits + h, counts + c
-        for budget, top_k in accepted:
+        for name, (budget, top_k) in settings.items():
             draft.config.tree_budget, draft.config.tree_top_k = budget, top_k
             stats = Clover2Stats()
             out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                   do_sample=False, assistant_model=draft, clover2_stats=stats)
             if not torch.equal(out, plain):
                 raise SystemExit(f"question {question.question_id}: Clover-2 output differs from plain generate")
-            accepted[budget, top_k].extend(stats.accepted_depths)
-    chain = Counter(accepted[depths, 1])
-    steps = len(accepted[depths, 1])
+            accepted[name].extend(stats.accepted_depths)
+    chain = Counter(accepted["chain"])
+    steps = len(accepted["chain"])
     result = {
         "draft": args.draft,
         "questions_per_category": args.per_category,
         "max_new_tokens": args.max_new_tokens,
         "teacher_forced_top1": [round(float(h / max(c, 1)), 4) for h, c in zip(hits, counts)],
         "teacher_forced_positions": [int(c) for c in counts],
-        "decode_depth0_acceptance": round(sum(accepted[1, 1]) / max(len(accepted[1, 1]), 1), 4),
-        "decode_depth0_steps": len(accepted[1, 1]),
+        "decode_depth0_acceptance": round(sum(accepted["depth0"]) / max(len(accepted["depth0"]), 1), 4),
+        "decode_depth0_steps": len(accepted["depth0"]),
         "chain_p_accepted_at_least": [round(sum(v for k, v in chain.items() if k >= d) / max(steps, 1), 4)
                                       for d in range(1, depths + 1)],
-        "chain_tau": round(1 + sum(accepted[depths, 1]) / max(steps, 1), 4),
+        "chain_tau": round(1 + sum(accepted["chain"]) / max(steps, 1), 4),
         "tree": {"budget": tree[0], "top_k": tree[1],
-                 "tau": round(1 + sum(accepted[tree]) / max(len(accepted[tree]), 1), 4)},
+                 "tau": round(1 + sum(accepted["tree"]) / max(len(accepted["tree"]), 1), 4)},
         "identical_to_plain": True,
     }
     print(json.dumps(result, indent=2))

@@ -3,6 +3,7 @@ masks, split, collate, token frequencies."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -423,6 +424,28 @@ def test_split_is_deterministic_disjoint_and_order_independent():
     assert all(split_of(i, 1.0) == "eval" for i in ids[:100])
     # A larger eval fraction only moves ids from train to eval.
     assert eval_ids <= {i for i in ids if split_of(i, 0.2) == "eval"}
+
+
+def test_split_follows_the_source_of_a_self_distilled_variant_and_nothing_else():
+    from clover2_hf.tools.selfdistill import variant_id
+
+    ids = [f"id-{i}" for i in range(200)]
+    for turns in (1, 2, None):
+        for temperature in (0.0, 1e-05, 0.7, 1e6):
+            for seed in (0, -4):
+                variants = [variant_id(i, turns, temperature, seed) for i in ids]
+                assert [split_of(v, 0.5) for v in variants] == [split_of(i, 0.5) for i in ids]
+                # a variant of a variant (a self-distilled file used as the source) follows the same conversation
+                nested = [variant_id(v, 3, 0.8, 1) for v in variants]
+                assert [split_of(v, 0.5) for v in nested] == [split_of(i, 0.5) for i in ids]
+    # any other `#` is part of the id: such ids are split by their whole text
+    hashed = [f"{prefix}{i}{suffix}" for i in range(100)
+              for prefix, suffix in (("#", ""), ("x#", ""), ("", "#turns=some"), ("", "#T=0.7,seed=1x"),
+                                     ("", "#turns=all\n"), ("", "#T=hot,seed=1"))]
+    expected = ["eval" if int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2.0**64 < 0.5 else "train"
+                for i in hashed]
+    assert [split_of(i, 0.5) for i in hashed] == expected
+    assert 0.3 < expected.count("eval") / len(expected) < 0.7
 
 
 def test_build_examples_end_to_end(tokenizer, tmp_path):

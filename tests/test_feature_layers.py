@@ -88,6 +88,37 @@ def test_greedy_identical_with_a_trained_feature_layer_drafter(arch, one_thread)
     assert accepted > 0  # drafted tokens were accepted, so the fused features reached the drafts
 
 
+@pytest.mark.parametrize("walk", [{}, {"repetition_penalty": 1.0001}])  # device walk, host walk
+def test_each_draft_reads_the_features_of_its_own_position(walk, one_thread):
+    """One drafted token per pass (no lookup path): pass by pass, acceptance must equal the teacher-forced depth-0 hit at the
+    position that pass drafts from. A drafter fed the features of a neighbouring row would still decode
+    losslessly, but its acceptances would follow other positions' hits."""
+    target = make_tiny_target("llama", seed=1, peaked=True, num_hidden_layers=3)
+    draft = train_on_own_outputs(target, steps=40, seqs=16, length=32, seed=0, feature_layers=[0])
+    with torch.no_grad():
+        draft.feature_fc.weight.mul_(4.0)  # let the fused layer weigh in on every draft
+    prompts = torch.randint(3, 150, (6, 4), generator=torch.Generator().manual_seed(1))
+    outcomes = set()
+    for ids in prompts:
+        ids = ids[None]
+        stats = Clover2Stats()
+        got = target.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=draft, clover2_stats=stats,
+                              tree_budget=1, tree_top_k=1, tree_lookup_tokens=0, **walk)
+        assert set(stats.accepted_depths) <= {0, 1}
+        with torch.no_grad(), PreNormCapture(target, [0]) as capture:
+            target(input_ids=got)
+        logits = draft(capture.hidden[:, :-1], got[:, 1:], return_logits=True).logits  # [1, N, T - 1, V]
+        drafted = draft.draft_to_target_ids(logits[0, 0, :-1].argmax(-1))
+        hits = (drafted == got[0, 2:]).tolist()  # hits[t]: h_t, x_{t+1} -> x_{t+2}
+        expected, position = [], ids.shape[1] - 1
+        for _ in stats.accepted_depths[:-1]:  # the last pass may be cut by max_new_tokens
+            expected.append(int(hits[position]))
+            position += 1 + expected[-1]
+        assert stats.accepted_depths[:-1] == expected
+        outcomes.update(expected)
+    assert outcomes == {0, 1}  # both outcomes occurred, so the comparison can tell positions apart
+
+
 def test_trainer_learns_the_fusion_and_continuing_grows_a_saved_drafter(tmp_path, monkeypatch):
     from test_selfdistill import _stub_training
 
@@ -112,3 +143,6 @@ def test_trainer_learns_the_fusion_and_continuing_grows_a_saved_drafter(tmp_path
                           feature_layers=[0], **common))
     with pytest.raises(ValueError, match="a feature store holds h_t only"):
         train(TrainRecipe(output_dir=str(tmp_path / "store"), features=str(tmp_path), feature_layers=[1], **common))
+    with pytest.raises(ValueError, match="fuses feature layers 1, which a feature store"):  # refused before any work
+        train(TrainRecipe(output_dir=str(tmp_path / "store"), features=str(tmp_path),
+                          init_from=str(tmp_path / "grown" / "final"), **common))

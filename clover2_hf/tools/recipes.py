@@ -63,6 +63,12 @@ def train(recipe: TrainRecipe) -> Clover2ForDrafting:
     if recipe.features and recipe.feature_layers:
         raise ValueError("--features: a feature store holds h_t only, and --feature-layers needs the outputs of those "
                          "target layers too; leave out --features (features are then computed on the fly)")
+    if recipe.features and recipe.init_from:
+        continued = Clover2Config.from_pretrained(recipe.init_from).feature_layers
+        if continued:
+            raise ValueError(f"--features: the drafter in --init-from {recipe.init_from} fuses feature layers "
+                             f"{_as_option(continued)}, which a feature store (h_t only) does not hold; leave out "
+                             "--features (features are then computed on the fly)")
     start = time.time()
     torch.manual_seed(recipe.seed)
     dtype = torch.bfloat16 if recipe.bf16 else torch.float32

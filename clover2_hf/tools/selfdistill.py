@@ -41,7 +41,8 @@ __all__ = ["SelfDistillSummary", "generate_answers", "variant_id"]
 @dataclass
 class SelfDistillSummary:
     """What one `generate_answers` call did (`written`/`already_done` count records, `finished` answers,
-    `tokens` generated tokens, `skipped` conversations or later turns by reason)."""
+    `tokens` generated tokens, `skipped` by reason: conversations not answered at all, or chats ended before
+    their last wanted turn, written with the turns answered so far)."""
 
     written: int = 0
     already_done: int = 0
@@ -86,6 +87,8 @@ def variant_id(source_id: str, turns: int | None = 1, temperature: float = 0.0, 
     other variants append `#` and their settings, e.g. `abc#turns=all` or `abc#turns=2,T=0.7,seed=1`, so
     several runs can share one file (resume skips exactly the variants already written) while
     `data.split_of` still puts every variant on its source conversation's side of the split.
+    Greedy variants of one conversation share their common turns: `abc` and `abc#turns=all` hold the same
+    first answer, so a file with both trains on that answer twice.
     """
     parts = [] if turns == 1 else [f"turns={'all' if turns is None else turns}"]
     if temperature > 0:
@@ -113,7 +116,7 @@ class _Chat:
     user_turns: list[dict[str, str]]
     first_prompt: list[int]  # token ids of the first prompt (for length sorting)
     finish: str = ""  # how the latest answer ended: "eos" or "length"
-    stopped: bool = False  # an empty answer ended the chat
+    stopped: bool = False  # ended before its last wanted turn (see `_answer_chats`)
 
     @property
     def answered(self) -> int:
@@ -164,20 +167,21 @@ def _prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 def _answer_chats(answer: _Answerer, chats: list[_Chat], max_prompt_tokens: int, summary: SelfDistillSummary) -> None:
     """Answer every chat's user turns in rounds (round r answers the r-th user turn of every chat still going).
 
-    A chat stops at its last wanted user turn, at a prompt longer than `max_prompt_tokens`, at an empty
-    answer, or after an answer cut by the length cap (later turns would follow an answer the target did
-    not finish).
+    A chat stops at its last wanted user turn, at a prompt longer than `max_prompt_tokens`
+    ("later_turn_too_long"), at an empty answer ("empty_answer"), or after an answer cut by the length cap
+    while turns remain ("after_length_cut": later turns would follow an answer the target did not finish).
     """
     going = list(chats)
     for turn in range(max(len(c.user_turns) for c in chats)):
         prompts, asking = [], []
         for chat in going:
-            if turn >= len(chat.user_turns) or chat.stopped or (turn > 0 and chat.finish != "eos"):
+            if turn >= len(chat.user_turns) or chat.stopped:
                 continue
             messages = chat.context + [chat.user_turns[turn]]
             ids = chat.first_prompt if turn == 0 else _prompt_ids(answer.tokenizer, messages)
             if len(ids) > max_prompt_tokens:
                 summary.skipped["later_turn_too_long"] += 1
+                chat.stopped = True
                 continue
             prompts.append(ids)
             asking.append(chat)
@@ -192,6 +196,9 @@ def _answer_chats(answer: _Answerer, chats: list[_Chat], max_prompt_tokens: int,
             chat.finish = finish
             summary.finished[finish] += 1
             summary.tokens += tokens
+            if finish == "length" and turn + 1 < len(chat.user_turns):
+                summary.skipped["after_length_cut"] += 1
+                chat.stopped = True
         going = asking
 
 
