@@ -321,7 +321,7 @@ def _shipped_drafter() -> str | None:
     """The repository's SmolLM2 drafter directory when it holds weights (source checkouts), else None."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / _SHIPPED_DRAFTER
+    path = Path(__file__).resolve().parents[2] / _SHIPPED_DRAFTER  # clover2_hf/tools/cli.py -> the checkout
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         return str(path)
     return None
