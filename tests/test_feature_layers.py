@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 from conftest import make_tiny_target
@@ -66,10 +69,16 @@ def test_grown_drafter_starts_as_the_drafter_it_continues(tmp_path, one_thread):
         grown(h_only.hidden, ids)
 
 
+@functools.cache
+def _fused_pair(arch: str):
+    """(confident tiny target, drafter fusing its layer 0 trained briefly on its greedy outputs), built once."""
+    target = make_tiny_target(arch, seed=1, peaked=True, num_hidden_layers=3)
+    return target, train_on_own_outputs(target, steps=40, seqs=16, length=32, seed=0, feature_layers=[0])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_identical_with_a_trained_feature_layer_drafter(arch, one_thread):
-    target = make_tiny_target(arch, seed=1, peaked=True, num_hidden_layers=3)
-    draft = train_on_own_outputs(target, steps=40, seqs=16, length=32, seed=0, feature_layers=[0])
+    target, draft = _fused_pair(arch)
     assert torch.count_nonzero(draft.feature_fc.weight) > 0
     prompts = torch.randint(3, 150, (4, 4), generator=torch.Generator().manual_seed(0))
     runs = [dict(), dict(clover2_decoding="chain"), dict(repetition_penalty=1.3),  # device walk, chain, host walk
@@ -93,8 +102,8 @@ def test_each_draft_reads_the_features_of_its_own_position(walk, one_thread):
     """One drafted token per pass (no lookup path): pass by pass, acceptance must equal the teacher-forced depth-0 hit at the
     position that pass drafts from. A drafter fed the features of a neighbouring row would still decode
     losslessly, but its acceptances would follow other positions' hits."""
-    target = make_tiny_target("llama", seed=1, peaked=True, num_hidden_layers=3)
-    draft = train_on_own_outputs(target, steps=40, seqs=16, length=32, seed=0, feature_layers=[0])
+    target, draft = _fused_pair("llama")
+    draft = copy.deepcopy(draft)  # the cached drafter stays as trained
     with torch.no_grad():
         draft.feature_fc.weight.mul_(4.0)  # let the fused layer weigh in on every draft
     prompts = torch.randint(3, 150, (6, 4), generator=torch.Generator().manual_seed(1))
