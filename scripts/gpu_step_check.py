@@ -110,7 +110,7 @@ def check_syncs(target, draft, ids, new_tokens: int) -> dict:
 
 def check_phases(target, draft, ids, new_tokens: int) -> dict:
     device = ids.device
-    clock = profile_tree_step._PhaseClock(device, sync=True)
+    clock = profile_tree_step.PhaseClock(device, sync=True)
     wrapped = {key: phase for key, phase in profile_tree_step.wrapped_functions().items()}
     originals = {key: getattr(*key) for key in wrapped}
     forward = target.forward

@@ -48,7 +48,7 @@ PHASES = ("draft.augment", "draft.grow_tree", "draft.lookup", "draft.choose", "v
           "accept.compact")
 
 
-class _PhaseClock:
+class PhaseClock:
     """Wraps callables so that each call adds its wall time (and syncs) to a named phase."""
 
     def __init__(self, device: torch.device, sync: bool) -> None:
@@ -98,11 +98,11 @@ def wrapped_functions() -> dict[tuple[object, str], str]:
         (decoding, "compact_cache"): "accept.compact",
         (device_step, "draft_candidates"): "draft.grow_tree",
         (device_step, "lookup_continuation"): "draft.lookup",
-        (device_step, "_node_values"): "draft.choose",
-        (device_step, "_best_first"): "draft.choose",
+        (device_step, "node_values"): "draft.choose",
+        (device_step, "best_first"): "draft.choose",
         (device_step, "_choose"): "draft.choose",
-        (device_step, "_dfs_keys"): "draft.choose",
-        (device_step, "_verified"): "draft.choose",
+        (device_step, "dfs_keys"): "draft.choose",
+        (device_step, "verified_tree"): "draft.choose",
         (device_step, "target_mask_kwargs"): "verify.mask",
         (device_step, "compact_cache"): "accept.compact",
     }
@@ -140,7 +140,7 @@ def main() -> None:
     draft.to(device)
     ids = ids.to(device)
 
-    clock = _PhaseClock(device, sync=not args.no_sync)
+    clock = PhaseClock(device, sync=not args.no_sync)
     wrapped = wrapped_functions()
     originals = {key: getattr(*key) for key in wrapped}
     for (owner, name), phase in wrapped.items():

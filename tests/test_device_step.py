@@ -210,7 +210,7 @@ def test_candidates_ancestors_lookup_chain_and_depth_first_order():
     assert int(cand.depths[n_pool + 2]) == 3 and int(cand.depths[n_pool + 3]) == 4
     assert set(cand.on_lookup.nonzero().flatten().tolist()) == {parent, node, n_pool + 2, n_pool + 3}
     # dead nodes come after every live node, in both orders (fixed tree: scores; "auto": probabilities)
-    for values in (device_step._node_values(cand, None, 0.0), device_step._node_values(cand, _FakeAcceptance(), 0.5)):
+    for values in (device_step.node_values(cand, None, 0.0), device_step.node_values(cand, _FakeAcceptance(), 0.5)):
         assert values[cand.dead].max() < values[~cand.dead].min()
     # every live node's ancestor row is its parent chain
     for i in range(cand.size):
@@ -223,7 +223,7 @@ def test_candidates_ancestors_lookup_chain_and_depth_first_order():
         assert set(cand.ancestors[i].nonzero().flatten().tolist()) == expected, i
     # depth-first order: parents first, and the chain of first children right after the root
     live = (~cand.dead).nonzero().flatten()
-    order = live[torch.sort(device_step._dfs_keys(cand)[live]).indices].tolist()
+    order = live[torch.sort(device_step.dfs_keys(cand)[live]).indices].tolist()
     assert order[0] == 0
     position = {v: i for i, v in enumerate(order)}
     assert all(position[int(cand.parents[v])] < position[v] for v in order[1:])
@@ -283,7 +283,7 @@ def test_the_walk_never_accepts_a_dead_lookup_node():
     cand = device_step.draft_candidates(draft, torch.tensor([7]), None, top_k=2, depths=1,
                                         lookup=torch.tensor([5, 0, 0]), lookup_length=torch.tensor([1]))
     assert cand.dead.tolist() == [False, False, True, True]
-    step = device_step._verified(cand, torch.tensor([1, 2, 3]))
+    step = device_step.verified_tree(cand, torch.tensor([1, 2, 3]))
     logits = torch.zeros(4, 16)
     logits[0, 5] = logits[1, 0] = logits[2, 0] = logits[3, 0] = 1.0  # the target agrees with the padding too
     walk = device_step.walk_on_device(logits, step, cand)

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from clover2_hf import Clover2Stats
 from clover2_hf.generation import static_step
-from clover2_hf.generation.device_step import _Step
+from clover2_hf.generation.device_step import VerifiedTree
 from clover2_hf.generation.static_step import (
     DraftKV,
     StaticVerification,
@@ -158,7 +158,7 @@ def test_the_verification_pass_on_the_static_cache_traces_into_one_graph_without
     verification = StaticVerification(target, 40, 5)
     with torch.no_grad():
         target(torch.arange(3, 13)[None], cache=verification.cache, use_cache=True)  # a prompt
-        step = _Step(index=torch.arange(5), tokens=torch.arange(20, 25), depths=torch.tensor([0, 1, 1, 2, 3]),
+        step = VerifiedTree(index=torch.arange(5), tokens=torch.arange(20, 25), depths=torch.tensor([0, 1, 1, 2, 3]),
                      ancestors=torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0],
                                              [1, 1, 0, 1, 1]], dtype=torch.bool),
                      parents=torch.tensor([0, 0, 0, 1, 3]))

@@ -54,8 +54,8 @@ from ..tree import compact_cache, lookup_continuation
 from .cost_model import TreeSizer
 from .cpu_kernels import target_mask_kwargs
 
-__all__ = ["Candidates", "DeviceAcceptance", "Walk", "device_greedy_supported", "draft_candidates", "run_device_greedy",
-           "walk_on_device"]
+__all__ = ["Candidates", "DeviceAcceptance", "VerifiedTree", "Walk", "best_first", "device_greedy_supported",
+           "dfs_keys", "draft_candidates", "node_values", "run_device_greedy", "verified_tree", "walk_on_device"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -272,7 +272,7 @@ class DeviceAcceptance:
         return ((accepted + self.PRIOR) / (predicted + self.PRIOR)).clamp(0.05, 3.0)
 
 
-def _node_values(cand: Candidates, acceptance: DeviceAcceptance | None, lookup_rate: float) -> torch.Tensor:
+def node_values(cand: Candidates, acceptance: DeviceAcceptance | None, lookup_rate: float) -> torch.Tensor:
     """[n] the order in which nodes are kept (higher first; ties: shallower first). Root: +inf; dead: -inf.
 
     Fixed tree (`acceptance` None): the lookup path, then the draft scores. `"auto"`: the predicted
@@ -291,13 +291,13 @@ def _node_values(cand: Candidates, acceptance: DeviceAcceptance | None, lookup_r
     return values
 
 
-def _best_first(values: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+def best_first(values: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
     """[n] node indices by value descending, shallower first on ties (the root first)."""
     by_depth = torch.sort(depths, stable=True).indices
     return by_depth[torch.sort(values[by_depth], descending=True, stable=True).indices]
 
 
-def _dfs_keys(cand: Candidates) -> torch.Tensor:
+def dfs_keys(cand: Candidates) -> torch.Tensor:
     """[n] int64 keys whose order is the depth-first (pre-order) order, first children first."""
     base = cand.max_rank + 2
     depth = max(cand.max_depth, 1)
@@ -312,7 +312,7 @@ def _dfs_keys(cand: Candidates) -> torch.Tensor:
 
 
 @dataclass
-class _Step:
+class VerifiedTree:
     """The verified tree of one step, on the device, in verification order (q = 1 + kept nodes)."""
 
     index: torch.Tensor  # [q] candidate index of each verified token (root first)
@@ -326,12 +326,12 @@ class _Step:
         return self.index.numel()
 
 
-def _verified(cand: Candidates, kept: torch.Tensor) -> _Step:
+def verified_tree(cand: Candidates, kept: torch.Tensor) -> VerifiedTree:
     """The verified tree from the candidates `kept` ([b] indices, parents before children, root excluded)."""
     index = torch.cat([torch.zeros(1, dtype=torch.long, device=kept.device), kept])
     position = torch.zeros(cand.size, dtype=torch.long, device=kept.device)
     position[index] = torch.arange(index.numel(), device=kept.device)
-    return _Step(index=index, tokens=cand.tokens[index], depths=cand.depths[index],
+    return VerifiedTree(index=index, tokens=cand.tokens[index], depths=cand.depths[index],
                  ancestors=cand.ancestors[index][:, index], parents=position[cand.parents[index]])
 
 
@@ -351,7 +351,7 @@ class Walk:
     accepted: torch.Tensor  # [1]
 
 
-def walk_on_device(logits: torch.Tensor, step: _Step, cand: Candidates) -> Walk:
+def walk_on_device(logits: torch.Tensor, step: VerifiedTree, cand: Candidates) -> Walk:
     """The deepest verified node whose every node on the path equals the target's argmax at its parent
     (`logits` [q, V] of the verification pass): the path the host walk follows, without host reads."""
     argmax = logits.argmax(-1).to(step.tokens.device)  # [q] (the head may sit on another device)
@@ -434,7 +434,8 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
                                       verify_table, drafting, device)
         if static is not None and draft_device != device:
             cand = _moved(cand, device)
-            step = _Step(*(t.to(device) for t in (step.index, step.tokens, step.depths, step.ancestors, step.parents)))
+            step = VerifiedTree(*(t.to(device) for t in (step.index, step.tokens, step.depths, step.ancestors,
+                                                        step.parents)))
         t_chosen = time.perf_counter()
         stats.draft_time_s += t_chosen - t_step
 
@@ -533,14 +534,15 @@ def _moved(cand: Candidates, device: torch.device) -> Candidates:
 
 def _choose_tree(draft: Clover2ForDrafting, root_token: torch.Tensor, root_state: torch.Tensor | None,
                  lookup: list[int], settings, sizer: TreeSizer | None, acceptance: DeviceAcceptance | None,
-                 verify_table: torch.Tensor | None, drafting: bool, device: torch.device) -> tuple[_Step, Candidates]:
+                 verify_table: torch.Tensor | None, drafting: bool,
+                 device: torch.device) -> tuple[VerifiedTree, Candidates]:
     """Steps 1-2 of the module docstring: the candidates (moved to the target's `device`) and the verified
     tree chosen from them."""
     num_depths = draft.config.num_draft_depths
     depths = min(num_depths, max(settings.budget, 1), sizer.depth_cap if sizer is not None else num_depths)
     cand = _moved(draft_candidates(draft, root_token, root_state, settings.top_k, depths, lookup), device)
-    values = _node_values(cand, acceptance, sizer.lookup_rate if sizer is not None else 0.0)
-    order = _best_first(values, cand.depths)  # [n], root first
+    values = node_values(cand, acceptance, sizer.lookup_rate if sizer is not None else 0.0)
+    order = best_first(values, cand.depths)  # [n], root first
     if sizer is None:  # a fixed tree: the budget's best drafted nodes, plus the lookup tokens
         # (where lookup tokens repeat drafted nodes, the next-best drafted nodes take their places)
         b = min(settings.budget, cand.num_drafted - (cand.depths_grown if lookup else 0)) + len(lookup)
@@ -552,8 +554,8 @@ def _choose_tree(draft: Clover2ForDrafting, root_token: torch.Tensor, root_state
         b = _choose_chain(sizer, len(lookup))
         sizer.record_choice(b, drafting, 0)
     kept = order[1 : b + 1]
-    kept = kept[torch.sort(_dfs_keys(cand)[kept]).indices]  # depth-first verification order
-    return _verified(cand, kept), cand
+    kept = kept[torch.sort(dfs_keys(cand)[kept]).indices]  # depth-first verification order
+    return verified_tree(cand, kept), cand
 
 
 def _choose(cand: Candidates, values: torch.Tensor, order: torch.Tensor, sizer: TreeSizer,
@@ -579,7 +581,7 @@ def _choose_chain(sizer: TreeSizer, length: int) -> int:
     return sizer.best_prefix([sizer.lookup_rate ** d for d in range(1, length + 1)])[0]
 
 
-def _learn(acceptance: DeviceAcceptance, cand: Candidates, step: _Step, on_path: torch.Tensor) -> None:
+def _learn(acceptance: DeviceAcceptance, cand: Candidates, step: VerifiedTree, on_path: torch.Tensor) -> None:
     """Add one verified step's drafted nodes to the device counts (as `TreeSizer.update`)."""
     drafted = cand.drafted[step.index]  # [q]
     probs = torch.where(drafted, cand.scores[step.index].exp(), 0.0)

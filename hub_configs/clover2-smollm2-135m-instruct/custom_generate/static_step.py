@@ -29,13 +29,13 @@ import torch
 
 from .modeling_clover2 import CACHE_KWARG, Clover2ForDrafting
 from .device_step import (
-    _best_first,
-    _dfs_keys,
-    _node_values,
-    _Step,
-    _verified,
+    VerifiedTree,
+    best_first,
+    dfs_keys,
     draft_candidates,
+    node_values,
     upload,
+    verified_tree,
 )
 
 __all__ = ["DraftKV", "StaticDrafting", "StaticVerification", "augment_static", "static_draft_step", "static_node_count",
@@ -100,7 +100,7 @@ def static_node_count(draft: Clover2ForDrafting, top_k: int, budget: int, lookup
 def static_draft_step(draft: Clover2ForDrafting, kv: DraftKV, hidden: torch.Tensor, next_ids: torch.Tensor,
                       start: torch.Tensor, last: torch.Tensor, root_token: torch.Tensor, chain: torch.Tensor,
                       chain_length: torch.Tensor, top_k: int, budget: int):
-    """One drafting step with fixed shapes: (verified tree `_Step`, its `Candidates`).
+    """One drafting step with fixed shapes: (verified tree `VerifiedTree`, its `Candidates`).
 
     hidden [1, A, H] / next_ids [1, A]: the accepted positions first, then padding; start [1]: the KV
     position of the first; last [1]: the index of the last accepted one (its c_t is the root's state);
@@ -109,10 +109,10 @@ def static_draft_step(draft: Clover2ForDrafting, kv: DraftKV, hidden: torch.Tens
     root_state = augmented[0].index_select(0, last)[0]  # [H]
     depths = min(draft.config.num_draft_depths, budget)
     cand = draft_candidates(draft, root_token, root_state, top_k, depths, chain, chain_length)
-    order = _best_first(_node_values(cand, None, 0.0), cand.depths)
+    order = best_first(node_values(cand, None, 0.0), cand.depths)
     kept = order[1 : static_node_count(draft, top_k, budget, chain.numel()) + 1]
-    kept = kept[torch.sort(_dfs_keys(cand)[kept]).indices]  # depth-first verification order
-    return _verified(cand, kept), cand
+    kept = kept[torch.sort(dfs_keys(cand)[kept]).indices]  # depth-first verification order
+    return verified_tree(cand, kept), cand
 
 
 
@@ -151,7 +151,7 @@ class StaticDrafting:
         return static_draft_step(self.draft, self.kv, self.hidden, self.next_ids, self.start, self.last, root_token,
                                  chain, length, self.top_k, self.budget)
 
-    def accept(self, tree_hidden: torch.Tensor, step: _Step, walk) -> None:
+    def accept(self, tree_hidden: torch.Tensor, step: VerifiedTree, walk) -> None:
         """The next step's padded inputs: the accepted path's states and the token after each (device ops)."""
         device = self.start.device  # the drafter's (the verified tree may sit on the target's)
         index = walk.path_index.to(device)  # [q] path first
@@ -202,7 +202,7 @@ class StaticVerification:
         """[1] verified positions in the cache (device; a copy: the layers' own length grows in place)."""
         return self.cache.layers[0].cumulative_length.reshape(1).clone()
 
-    def mask(self, step: _Step, past: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def mask(self, step: VerifiedTree, past: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[1, 1, Q, max_length + Q] additive mask: the verified context, then each token's ancestors."""
         slots = torch.arange(self.length, device=past.device)
         offset = slots - past  # a slot's index in this pass's tree (valid in 0 .. Q - 1)

@@ -11,7 +11,9 @@ __all__ = ["Clover2Stats"]
 class Clover2Stats:
     """Per-call statistics of a Clover-2 `generate` call (pass one as `clover2_stats=`).
 
-    Times are wall-clock seconds measured on the host (CUDA is synchronised around each phase).
+    Times are wall-clock seconds measured on the host. The host walk synchronises CUDA around each phase;
+    the device-side greedy loop adds no synchronisation for them (its phases end at its host reads), so on
+    an accelerator its draft / verify split is approximate.
     """
 
     mode: str = ""
