@@ -15,6 +15,9 @@ import clover2_hf  # noqa: F401  (registers the Auto classes)
 
 # A developer's own `clover2 tune` results must not change the tree settings the tests use.
 os.environ["CLOVER2_HF_TUNING"] = "0"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` workers share the cores: one torch thread each (threads spinning for cores slow everyone)
+    torch.set_num_threads(1)
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2")
 

@@ -46,13 +46,14 @@ def _generate_both(target, draft, mode, ids, **kwargs):
     return expected, got, stats
 
 
-def _sample_both(target, draft, ids, seed: int, **kwargs):
-    """Plain seeded sampling and Clover-2 sampling from the same seed: (plain, got, stats)."""
+def _sample_both(target, draft, ids, seed: int, options: dict | None = None, **kwargs):
+    """Plain seeded sampling and Clover-2 sampling (with the Clover-2 keywords `options`) from the same seed:
+    (plain, got, stats)."""
     torch.manual_seed(seed)
     plain = target.generate(ids, do_sample=True, **kwargs)
     torch.manual_seed(seed)
     stats = Clover2Stats()
-    got = target.generate(ids, do_sample=True, assistant_model=draft, clover2_stats=stats, **kwargs)
+    got = target.generate(ids, do_sample=True, assistant_model=draft, clover2_stats=stats, **(options or {}), **kwargs)
     return plain, got, stats
 
 
@@ -369,9 +370,9 @@ def test_other_assistants_behave_as_stock():
 def test_tree_sampling_reproduces_plain_sampling_with_the_same_seed():
     """The tree walk draws exactly one target sample per emitted token, in plain sampling's order."""
     target, draft, prompts = trained_pair("llama")
-    draft.config.decoding = "tree"
+    tree = {"clover2_decoding": "tree", "tree_budget": 8, "tree_top_k": 4}  # fixed: drafted trees at every step
     for i in range(4):
-        plain, got, stats = _sample_both(target, draft, prompts[i : i + 1], i, max_new_tokens=30,
+        plain, got, stats = _sample_both(target, draft, prompts[i : i + 1], i, tree, max_new_tokens=30,
                                          temperature=0.8, top_k=20)
         assert torch.equal(plain, got)
         assert stats.target_forwards < stats.new_tokens
@@ -510,12 +511,12 @@ def test_lookup_path_is_lossless_and_accepted_on_repetitive_text(arch):
 
 def test_lookup_path_keeps_seeded_sampling_identical():
     target, draft = random_pair("llama")
-    draft.config.decoding, draft.config.tree_budget, draft.config.tree_top_k = "tree", 3, 2
+    tree = {"clover2_decoding": "tree", "tree_budget": 3, "tree_top_k": 2}
     pattern = torch.randint(3, 150, (5,), generator=torch.Generator().manual_seed(6))
     ids = pattern.repeat(5)[None]
     used = 0
     for seed in range(3):
-        plain, got, stats = _sample_both(target, draft, ids, seed, max_new_tokens=30, temperature=0.3)
+        plain, got, stats = _sample_both(target, draft, ids, seed, tree, max_new_tokens=30, temperature=0.3)
         assert torch.equal(plain, got)
         used += max(stats.tree_sizes) > 3
     assert used, "the lookup path was never added"

@@ -248,6 +248,7 @@ def test_compaction_moves_nothing_when_the_path_is_already_in_place():
     assert compact_ops([0, 1, 3]) > 0
 
 
+@pytest.mark.slow  # ~10 s: the whole script on tiny shapes (CI runs it; the fast loop keeps the sync-budget tests)
 def test_gpu_step_check_runs_its_cpu_smoke_mode(tmp_path, monkeypatch):
     """scripts/gpu_step_check.py is the one prepared device run of issue 11: its CPU smoke mode must complete."""
     import sys

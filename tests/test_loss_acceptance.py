@@ -25,6 +25,9 @@ from clover2_hf import Clover2ForDrafting, Clover2Stats, training
 from clover2_hf.data import ConversationCollator
 from clover2_hf.training import Clover2Trainer
 
+# ~25 s together (two Trainer runs of 300 steps and 32 decodes): CI runs them, the fast inner loop does not
+pytestmark = pytest.mark.slow
+
 SEED = 0
 VOCAB = 128
 PROMPT = 4
