@@ -670,8 +670,25 @@ def render_conversation(
 # --------------------------------------------------------------------------------------------------
 
 
-# The suffixes `tools.selfdistill.variant_id` appends to a source id for a self-distilled variant (repeated when
-# a self-distilled file is itself the source): `#turns=all`, `#turns=3`, `#T=0.7,seed=1`, `#turns=2,T=1e-05,seed=-4`.
+def variant_id(source_id: str, turns: int | None = 1, temperature: float = 0.0, seed: int = 0) -> str:
+    """The record id of one self-distilled variant of conversation `source_id`.
+
+    The greedy first-turn answer keeps the source id (files written before variants existed stay valid);
+    other variants append `#` and their settings, e.g. `abc#turns=all` or `abc#turns=2,T=0.7,seed=1`, so
+    several runs can share one file (resume skips exactly the variants already written) while
+    `split_of` still puts every variant on its source conversation's side of the split (its `_VARIANT_SUFFIX`
+    matches exactly what this function appends; tests/test_data.py checks both over a grid).
+    Greedy variants of one conversation share their common turns: `abc` and `abc#turns=all` hold the same
+    first answer, so a file with both trains on that answer twice.
+    """
+    parts = [] if turns == 1 else [f"turns={'all' if turns is None else turns}"]
+    if temperature > 0:
+        parts.append(f"T={temperature:g},seed={seed}")
+    return source_id if not parts else f"{source_id}#{','.join(parts)}"
+
+
+# The suffixes `variant_id` appends to a source id for a self-distilled variant (repeated when a self-distilled
+# file is itself the source): `#turns=all`, `#turns=3`, `#T=0.7,seed=1`, `#turns=2,T=1e-05,seed=-4`.
 _SAMPLED = r"T=(?:inf|[0-9]+(?:\.[0-9]+)?(?:e[+-][0-9]+)?),seed=-?[0-9]+"
 _VARIANT_SUFFIX = re.compile(rf"(?:#(?:turns=(?:all|[0-9]+)(?:,{_SAMPLED})?|{_SAMPLED}))+\Z")
 
@@ -682,7 +699,7 @@ def split_of(record_id: str, eval_fraction: float = 0.05) -> Literal["train", "e
     Uses the first 8 bytes of SHA-256(id) as a uniform number in [0, 1): stable across runs,
     platforms and Python hash seeds, and independent of record order. Records sharing an id share a
     split, and so do the variants `abc#...` of a record `abc` (self-distilled answers of other turns,
-    temperatures or seeds: `tools.selfdistill.variant_id`): such suffixes (`#turns=...`, `#T=...,seed=...`,
+    temperatures or seeds: `variant_id`): such suffixes (`#turns=...`, `#T=...,seed=...`,
     `#turns=...,T=...,seed=...`, repeated for a variant of a variant) are removed before hashing, and nothing
     else, so ids that merely contain a `#` are hashed whole.
     """
@@ -821,4 +838,5 @@ __all__ = [
     "sharegpt_path",
     "split_of",
     "token_frequencies",
+    "variant_id",
 ]

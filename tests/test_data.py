@@ -427,7 +427,7 @@ def test_split_is_deterministic_disjoint_and_order_independent():
 
 
 def test_split_follows_the_source_of_a_self_distilled_variant_and_nothing_else():
-    from clover2_hf.tools.selfdistill import variant_id
+    from clover2_hf.data import variant_id
 
     ids = [f"id-{i}" for i in range(200)]
     for turns in (1, 2, None):

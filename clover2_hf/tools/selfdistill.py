@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..data import load_conversations
+from ..data import load_conversations, variant_id
 
 logger = logging.getLogger(__name__)
 
@@ -78,22 +78,6 @@ def _done_ids(path: Path) -> set[str]:
         if line.strip():
             done.add(str(json.loads(line)["id"]))
     return done
-
-
-def variant_id(source_id: str, turns: int | None = 1, temperature: float = 0.0, seed: int = 0) -> str:
-    """The record id of one self-distilled variant of conversation `source_id`.
-
-    The greedy first-turn answer keeps the source id (files written before variants existed stay valid);
-    other variants append `#` and their settings, e.g. `abc#turns=all` or `abc#turns=2,T=0.7,seed=1`, so
-    several runs can share one file (resume skips exactly the variants already written) while
-    `data.split_of` still puts every variant on its source conversation's side of the split.
-    Greedy variants of one conversation share their common turns: `abc` and `abc#turns=all` hold the same
-    first answer, so a file with both trains on that answer twice.
-    """
-    parts = [] if turns == 1 else [f"turns={'all' if turns is None else turns}"]
-    if temperature > 0:
-        parts.append(f"T={temperature:g},seed={seed}")
-    return source_id if not parts else f"{source_id}#{','.join(parts)}"
 
 
 def _split_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
