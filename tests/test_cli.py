@@ -6,6 +6,9 @@ None of these tests loads a model: the arguments are checked before anything is 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -118,20 +121,38 @@ def test_invalid_hub_id_is_one_line(capsys, tmp_path):
     assert "not a local directory and not reachable on the Hub" in line
 
 
-def test_unreachable_hub_id_is_one_line(capfd, monkeypatch):
-    """A well-formed repo id that cannot be fetched: one line on the process's stderr (captured at the file
-    descriptor, so that a log handler bound to the original stream would show too), no traceback."""
+UNREACHABLE = (["bench", "--target", "no-such-org/no-such-model"], ["demo", "--draft", "no-such-org/no-such-model"])
+
+
+def _assert_cannot_load(argv, code, err):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"clover2 {argv[0]}: {argv[1]} no-such-org/no-such-model: cannot load"), lines[0]
+
+
+def test_unreachable_hub_id_is_one_line(capsys, monkeypatch):
+    """A well-formed repo id that cannot be fetched: one line, no traceback (in process; the real entry point's
+    whole stderr is checked by the slow test below)."""
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait, wherever this runs
-    for argv in (["bench", "--target", "no-such-org/no-such-model"], ["demo", "--draft", "no-such-org/no-such-model"]):
+    # read at each call by huggingface_hub.constants.is_offline_mode(), which transformers' file lookup asks
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for argv in UNREACHABLE:
         with pytest.raises(SystemExit) as info:
             main(argv)
-        err = capfd.readouterr().err
-        assert info.value.code == 2, err
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in err, err
-        assert lines[0].startswith(f"clover2 {argv[0]}: {argv[1]} no-such-org/no-such-model: cannot load"), lines[0]
+        _assert_cannot_load(argv, info.value.code, capsys.readouterr().err)
+
+
+@pytest.mark.slow  # two fresh interpreters (~6 s each)
+def test_unreachable_hub_id_is_one_line_from_the_command(tmp_path):
+    """The same through `python -m clover2_hf.tools.cli`: everything the process writes to stderr (log handlers,
+    warnings, import-time messages) is one line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for argv in UNREACHABLE:
+        proc = subprocess.run([sys.executable, "-m", "clover2_hf.tools.cli", *argv], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=120)
+        _assert_cannot_load(argv, proc.returncode, proc.stderr)
 
 
 # --------------------------------------------------------------------------- bad numbers

@@ -38,11 +38,17 @@ def trained_pair(arch: str):
     return target, draft, prompts
 
 
-def _generate_both(target, draft, mode, ids, **kwargs):
-    draft.config.decoding = mode
+# The drafters of `random_pair` / `trained_pair` are shared by the tests of a process (and, under pytest-xdist,
+# by whichever tests a worker runs): tests pass decoding options per call and never change those drafters.
+FIXED_TREE = {"tree_type": "dynamic", "tree_budget": 25, "tree_top_k": 10}  # a drafted tree at every step
+
+
+def _generate_both(target, draft, mode, ids, options: dict | None = None, **kwargs):
+    """Plain greedy and Clover-2 greedy (`mode` "tree" or "chain", Clover-2 keywords `options`): (plain, got, stats)."""
     expected = target.generate(ids, do_sample=False, **kwargs)
     stats = Clover2Stats()
-    got = target.generate(ids, do_sample=False, assistant_model=draft, clover2_stats=stats, **kwargs)
+    got = target.generate(ids, do_sample=False, assistant_model=draft, clover2_stats=stats, clover2_decoding=mode,
+                          **(options or {}), **kwargs)
     return expected, got, stats
 
 
@@ -67,9 +73,9 @@ def _sample_both(target, draft, ids, seed: int, options: dict | None = None, **k
 )
 def test_greedy_identical_random_drafter(arch, mode, prompt, max_new_tokens, tree):
     target, draft = random_pair(arch)
-    draft.config.tree_type, draft.config.tree_budget, draft.config.tree_top_k = tree
+    options = dict(zip(("tree_type", "tree_budget", "tree_top_k"), tree))
     ids = torch.tensor([prompt])
-    expected, got, stats = _generate_both(target, draft, mode, ids, max_new_tokens=max_new_tokens)
+    expected, got, stats = _generate_both(target, draft, mode, ids, options, max_new_tokens=max_new_tokens)
     assert torch.equal(expected, got)
     assert stats.new_tokens == got.shape[1] - ids.shape[1]
 
@@ -79,11 +85,10 @@ def test_greedy_identical_random_drafter(arch, mode, prompt, max_new_tokens, tre
 @pytest.mark.parametrize("arch", ("llama", "qwen2", pytest.param("mistral", marks=pytest.mark.slow)))
 def test_greedy_identical_trained_drafter_exercises_paths(arch, mode):
     target, draft, prompts = trained_pair(arch)
-    draft.config.tree_type, draft.config.tree_budget, draft.config.tree_top_k = "dynamic", 25, 10
     total = Clover2Stats()
     for i, max_new in enumerate([40, 23, 31, 17, 40, 29, 36, 13]):
         ids = prompts[i : i + 1]
-        expected, got, stats = _generate_both(target, draft, mode, ids, max_new_tokens=max_new)
+        expected, got, stats = _generate_both(target, draft, mode, ids, FIXED_TREE, max_new_tokens=max_new)
         assert torch.equal(expected, got), (i, expected, got)
         total.tokens_per_step += stats.tokens_per_step
         total.branch_switches += stats.branch_switches
@@ -99,15 +104,16 @@ def test_greedy_identical_trained_drafter_exercises_paths(arch, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_eos_inside_accepted_path(mode):
+def test_eos_inside_accepted_path(mode, monkeypatch):
     target, draft, prompts = trained_pair("llama")
+    monkeypatch.setattr(target.generation_config, "eos_token_id", None)  # only the eos ids passed below
     hits = 0
     for i in range(6):
         ids = prompts[i : i + 1]
         plain = target.generate(ids, max_new_tokens=30, do_sample=False)[0, ids.shape[1]:]
         eos = [int(plain[12]), int(plain[20])]  # several eos ids, which occur mid-answer
-        target.generation_config.eos_token_id = None
-        expected, got, stats = _generate_both(target, draft, mode, ids, max_new_tokens=30, eos_token_id=eos)
+        expected, got, stats = _generate_both(target, draft, mode, ids, FIXED_TREE, max_new_tokens=30,
+                                              eos_token_id=eos)
         assert torch.equal(expected, got)
         assert int(got[0, -1]) in eos and got.shape[1] < ids.shape[1] + 30
         hits += stats.stopped_in_path
@@ -137,7 +143,6 @@ def test_logits_processors_and_custom_stopping_criteria_tree():
 @pytest.mark.parametrize("mode", MODES)
 def test_streamer_and_return_dict(mode):
     target, draft, prompts = trained_pair("llama")
-    draft.config.decoding = mode
     ids = prompts[:1]
 
     class Collect(BaseStreamer):
@@ -151,8 +156,8 @@ def test_streamer_and_return_dict(mode):
             self.ended = True
 
     streamer = Collect()
-    out = target.generate(ids, max_new_tokens=20, do_sample=False, assistant_model=draft, streamer=streamer,
-                          return_dict_in_generate=True, output_scores=True)
+    out = target.generate(ids, max_new_tokens=20, do_sample=False, assistant_model=draft, clover2_decoding=mode,
+                          streamer=streamer, return_dict_in_generate=True, output_scores=True)
     plain = target.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_scores=True)
     assert torch.equal(out.sequences, plain.sequences)
     assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
@@ -417,16 +422,13 @@ def test_cpu_verify_linears_compute_the_same_products_and_are_restored(monkeypat
         x = torch.randn(1, q, 24)
         torch.testing.assert_close(_wide_linear_forward(layer, x), layer(x), rtol=1e-5, atol=1e-6)
     target, draft, prompts = trained_pair("llama")
-    draft.config.decoding = "tree"
-    monkeypatch.setattr(draft.config, "tree_budget", 25)  # every pass verifies a tree (q > 1)
-    monkeypatch.setattr(draft.config, "tree_top_k", 10)
     monkeypatch.setenv("CLOVER2_HF_WIDE_LINEAR", "1")  # forced on (by default only where calibration measured it faster)
     seen = []
     monkeypatch.setattr(
         "clover2_hf.generation.cpu_kernels.wide_linear_forward",
         lambda self, x: seen.append(x.shape[-2]) or torch.nn.functional.linear(x, self.weight, self.bias),
     )
-    expected, got, _ = _generate_both(target, draft, "tree", prompts[:1], max_new_tokens=12)
+    expected, got, _ = _generate_both(target, draft, "tree", prompts[:1], FIXED_TREE, max_new_tokens=12)
     assert torch.equal(expected, got)
     assert seen and min(seen) > 1  # the verification passes (q > 1 tokens) went through it
     assert not any("forward" in m.__dict__ for m in target.modules())  # restored after generate
@@ -451,7 +453,6 @@ def test_cpu_masked_gqa_keeps_outputs_sets_the_switch_only_inside_and_respects_t
     monkeypatch.delenv(_FORCE_GQA_ENV, raising=False)
     target, draft, prompts = trained_pair("llama")  # 4 query heads over 2 key/value heads
     assert target.config._attn_implementation == "sdpa"
-    draft.config.decoding = "tree"
     switch_seen = []
     forward = target.model.layers[0].self_attn.forward
 
@@ -461,7 +462,7 @@ def test_cpu_masked_gqa_keeps_outputs_sets_the_switch_only_inside_and_respects_t
 
     monkeypatch.setattr(target.model.layers[0].self_attn, "forward", spy)
     for i in range(2):
-        expected, got, _ = _generate_both(target, draft, "tree", prompts[i : i + 1], max_new_tokens=12)
+        expected, got, _ = _generate_both(target, draft, "tree", prompts[i : i + 1], FIXED_TREE, max_new_tokens=12)
         assert torch.equal(expected, got)
     assert "1" in switch_seen and None in switch_seen  # on in verification passes, off in plain decoding
     assert _FORCE_GQA_ENV not in os.environ  # restored after generate
@@ -511,7 +512,7 @@ def test_lookup_path_is_lossless_and_accepted_on_repetitive_text(arch):
 
 def test_lookup_path_keeps_seeded_sampling_identical():
     target, draft = random_pair("llama")
-    tree = {"clover2_decoding": "tree", "tree_budget": 3, "tree_top_k": 2}
+    tree = {"clover2_decoding": "tree", "tree_type": "dynamic", "tree_budget": 3, "tree_top_k": 2}
     pattern = torch.randint(3, 150, (5,), generator=torch.Generator().manual_seed(6))
     ids = pattern.repeat(5)[None]
     used = 0

@@ -55,7 +55,8 @@ from .cost_model import TreeSizer
 from .cpu_kernels import target_mask_kwargs
 
 __all__ = ["Candidates", "DeviceAcceptance", "VerifiedTree", "Walk", "best_first", "device_greedy_supported",
-           "dfs_keys", "draft_candidates", "node_values", "run_device_greedy", "verified_tree", "walk_on_device"]
+           "dfs_keys", "draft_candidates", "node_values", "run_device_greedy", "upload", "verified_tree",
+           "walk_on_device"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 
