@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
 import torch
 from conftest import make_tiny_target
-from drafters import train_on_own_outputs
+from drafters import random_pair, trained_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -23,23 +22,9 @@ MODES = ("tree", "chain")
 LOSSLESS_ARCHS = ("llama", "qwen2", "mistral", "gemma2")
 
 
-@functools.cache
-def random_pair(arch: str):
-    target = make_tiny_target(arch)
-    return target, Clover2ForDrafting.from_target(target).eval()
-
-
-@functools.cache
-def trained_pair(arch: str):
-    """A confident target and a drafter fitted briefly to its greedy outputs on 24 prompts."""
-    target = make_tiny_target(arch, seed=1, peaked=True)
-    draft = train_on_own_outputs(target, steps=50, seqs=24, length=40, seed=0)
-    prompts = torch.randint(3, target.config.vocab_size, (24, 4), generator=torch.Generator().manual_seed(0))
-    return target, draft, prompts
-
-
-# The drafters of `random_pair` / `trained_pair` are shared by the tests of a process (and, under pytest-xdist,
-# by whichever tests a worker runs): tests pass decoding options per call and never change those drafters.
+# The drafters of `drafters.random_pair` / `drafters.trained_pair` are shared by every test module of a process
+# (and, under pytest-xdist, by whichever tests a worker runs): tests pass decoding options per call and never
+# change those drafters.
 FIXED_TREE = {"tree_type": "dynamic", "tree_budget": 25, "tree_top_k": 10}  # a drafted tree at every step
 
 
