@@ -8,7 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tokenizer_models
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, CompileConfig, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import clover2_hf  # noqa: F401  (registers the Auto classes)
@@ -88,3 +88,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def counting_compile_config(graphs: list) -> CompileConfig:
+    """A `CompileConfig` whose backend records every graph dynamo hands it and runs it as traced."""
+
+    def backend(graph_module, example_inputs, **_):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    config = CompileConfig(backend=backend, mode=None)  # a custom backend takes no mode
+    config._compile_all_devices = True  # transformers' own switch for compiling generate() on a CPU
+    return config

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import counting_compile_config
 from drafters import random_pair, trained_pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -143,6 +144,21 @@ def test_the_drafting_step_traces_into_one_graph_without_breaks():
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
+def test_the_drafting_step_compiles_with_inductor():
+    """The real compiler on this machine (C++ code generation on a CPU; ~30 s): same verified tree as eager."""
+    target, draft = random_pair("llama")
+    torch.manual_seed(0)
+    width, hidden = 1 + 3 + 2, target.config.hidden_size
+    inputs = (torch.randn(1, width, hidden), torch.randint(3, 100, (1, width)), torch.tensor([5]), torch.tensor([2]),
+              torch.tensor([7]), torch.randint(3, 100, (2,)), torch.tensor([1]), 2, 4)
+    with torch.no_grad():
+        eager, _ = static_draft_step(draft, DraftKV(draft, 64), *inputs)
+        compiled, _ = torch.compile(static_draft_step, mode="default")(draft, DraftKV(draft, 64), *inputs)
+    for name in ("index", "tokens", "depths", "ancestors", "parents"):
+        assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
+
+
 def test_static_shapes_refuse_calls_that_need_the_host_walk():
     target, draft = random_pair("llama")
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -172,3 +188,52 @@ def test_the_verification_pass_on_the_static_cache_traces_into_one_graph_without
                                                     (past + step.depths)[None])
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+@pytest.mark.skipif(CACHE_KWARG != "cache", reason="static verification needs transformers >= 5.24")
+@pytest.mark.parametrize("arch", ("llama", "qwen3"))
+def test_compiled_static_decoding_captures_both_steps_and_stays_exact(arch):
+    """With a compile config that plain decoding would honour, the drafting step and the verification pass run
+    compiled: one graph each (no breaks), traced on the first call only, outputs exactly plain greedy's."""
+    target, draft, prompts = trained_pair(arch)
+    torch._dynamo.reset()
+    graphs = []
+    config = counting_compile_config(graphs)
+    taus = []
+    for i in range(4):
+        ids = prompts[i : i + 1].repeat(1, 2)  # same lengths: the graphs of the first call serve them all
+        plain = target.generate(ids, do_sample=False, max_new_tokens=30)
+        stats = Clover2Stats()
+        got = target.generate(ids, do_sample=False, max_new_tokens=30, assistant_model=draft, clover2_stats=stats,
+                              tree_budget=4, tree_top_k=2, tree_lookup_tokens=2, clover2_static_shapes=True,
+                              compile_config=config)
+        assert torch.equal(plain, got)
+        assert stats.tree_settings.endswith("static shapes (drafting and verification), compiled")
+        assert len(graphs) == 2  # the drafting step and the verification pass
+        taus.append(stats.tau)
+    assert max(taus) > 1.5  # paths were accepted, so compaction and the next step's inputs ran through the graphs
+    # another prompt length and answer length: new shapes, still exact
+    ids = prompts[5:6].repeat(1, 3)
+    plain = target.generate(ids, do_sample=False, max_new_tokens=23)
+    got = target.generate(ids, do_sample=False, max_new_tokens=23, assistant_model=draft, tree_budget=4, tree_top_k=2,
+                          tree_lookup_tokens=2, clover2_static_shapes=True, compile_config=config)
+    assert torch.equal(plain, got)
+
+
+@pytest.mark.skipif(CACHE_KWARG != "cache", reason="static verification needs transformers >= 5.24")
+def test_static_decoding_compiles_only_where_plain_decoding_would():
+    """On a CPU plain decoding compiles nothing unless asked (`_compile_all_devices`), and `disable_compile`
+    wins over a compile config: Clover-2's static steps follow the same rule."""
+    target, draft = random_pair("llama")
+    torch._dynamo.reset()
+    graphs = []
+    config = counting_compile_config(graphs)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    for kwargs in ({}, {"compile_config": config, "disable_compile": True}):
+        stats = Clover2Stats()
+        target.generate(ids, do_sample=False, max_new_tokens=6, assistant_model=draft, clover2_stats=stats,
+                        tree_budget=3, tree_top_k=2, clover2_static_shapes=True, **kwargs)
+        assert "compiled" not in stats.tree_settings
+    plain_static = target.generate(ids, do_sample=False, max_new_tokens=6, cache_implementation="static",
+                                   compile_config=config, disable_compile=True)
+    assert graphs == [] and plain_static.shape[1] == 11

@@ -19,13 +19,21 @@ data-dependent Python control flow (tests/test_static_step.py checks that its (o
 change over 20 steps of different acceptance lengths, and that `torch._dynamo.explain` finds no graph
 break). For full-attention targets (transformers >= 5.24) `StaticVerification` runs the target's passes
 on a `StaticCache` too, under an explicit mask, with the accepted path compacted in place; other targets
-verify on their `DynamicCache` (constant width, growing context). Decoding runs both eagerly: capturing
-them is left to the caller's device (`scripts/gpu_step_check.py`).
+verify on their `DynamicCache` (constant width, growing context).
+
+Graph capture follows plain decoding's rule (`compiled_calls`): when plain `generate()` would compile its
+decoding steps on this static cache (CUDA / XPU, or a `compile_config` with `_compile_all_devices`, and no
+`disable_compile`), the verification pass runs as `target.get_compiled_call(generation_config.compile_config)`
+and every drafting step after the first as `static_draft_step` under the same `torch.compile` settings
+(default `CompileConfig()`: inductor, "reduce-overhead", i.e. CUDA graphs). The prefill and the first drafting
+step (over the prompt) stay eager, as plain decoding's prefill does. So `clover2_static_shapes=True` against
+`cache_implementation="static"` compares a graph-captured Clover-2 step with a graph-captured plain step.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import CompileConfig
 
 from ..modeling_clover2 import CACHE_KWARG, Clover2ForDrafting
 from .device_step import (
@@ -38,8 +46,8 @@ from .device_step import (
     verified_tree,
 )
 
-__all__ = ["DraftKV", "StaticDrafting", "StaticVerification", "augment_static", "static_draft_step", "static_node_count",
-           "static_verification_supported"]
+__all__ = ["DraftKV", "StaticDrafting", "StaticVerification", "augment_static", "compiled_calls", "static_draft_step",
+           "static_node_count", "static_verification_supported"]
 
 
 class DraftKV:
@@ -132,6 +140,14 @@ class StaticDrafting:
         device = draft.fc1.weight.device
         self.start = torch.zeros(1, dtype=torch.long, device=device)
         self.hidden = self.next_ids = self.last = None
+        self.step_fn = static_draft_step  # the steps after the first (`compiled_calls` may swap in a compiled one)
+        self.compiled = False
+
+    def use_compiled(self, step_fn) -> None:
+        """Run every drafting step after the first with `step_fn` (`static_draft_step` under `torch.compile`)."""
+        for buffer in (self.kv.keys, self.kv.values):  # mutated in place by every step: fixed addresses for CUDA graphs
+            torch._dynamo.mark_static_address(buffer)
+        self.step_fn, self.compiled = step_fn, True
 
     @property
     def num_nodes(self) -> int:
@@ -148,8 +164,12 @@ class StaticDrafting:
         chain[: len(lookup)] = torch.tensor(lookup, dtype=torch.long)
         length = torch.tensor([len(lookup)], dtype=torch.long)
         chain, length = upload(chain, self.start.device), upload(length, self.start.device)
-        return static_draft_step(self.draft, self.kv, self.hidden, self.next_ids, self.start, self.last, root_token,
-                                 chain, length, self.top_k, self.budget)
+        # the first step reads the prompt (its own width): eager, like the prefill
+        step_fn = self.step_fn if self.hidden.shape[1] == self.width else static_draft_step
+        if self.compiled:  # a new step: the last step's graph outputs (read by now) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return step_fn(self.draft, self.kv, self.hidden, self.next_ids, self.start, self.last, root_token,
+                       chain, length, self.top_k, self.budget)
 
     def accept(self, tree_hidden: torch.Tensor, step: VerifiedTree, walk) -> None:
         """The next step's padded inputs: the accepted path's states and the token after each (device ops)."""
@@ -197,6 +217,7 @@ class StaticVerification:
 
         self.cache = StaticCache(config=target.config, max_cache_len=max_length + num_tokens)
         self.length, self.q = max_length + num_tokens, num_tokens
+        self.forward = target  # the verification pass (`compiled_calls` may swap in the compiled call)
 
     def past_length(self) -> torch.Tensor:
         """[1] verified positions in the cache (device; a copy: the layers' own length grows in place)."""
@@ -223,3 +244,31 @@ class StaticVerification:
             layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
             layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
             layer.cumulative_length.sub_((self.q - 1 - accepted).reshape(layer.cumulative_length.shape))
+
+
+_COMPILED_STEPS: dict[tuple, object] = {}  # torch.compile(static_draft_step) per compile setting, like get_compiled_call
+
+
+def compiled_calls(target, static: StaticDrafting, verification: StaticVerification, generation_config) -> bool:
+    """Capture the call's drafting steps and verification passes as graphs when plain decoding would.
+
+    Plain `generate()` compiles its decoding steps when `target._valid_auto_compile_criteria` holds for its
+    cache; the same test on this call's `StaticCache` decides here, and the same `compile_config` is used
+    (`get_compiled_call`'s for the target; `torch.compile(static_draft_step, **config.to_dict())` for the
+    drafter, `CompileConfig()` when the call has none). Returns whether it compiled.
+
+    Relies on the private `GenerationMixin._valid_auto_compile_criteria(model_kwargs, generation_config)`
+    (reading `model_kwargs["cache"]`) and the public `get_compiled_call`; caught by
+    tests/test_static_step.py::test_compiled_static_decoding_captures_both_steps_and_stays_exact (and its
+    twin that checks nothing compiles without a compile config on a CPU).
+    """
+    if not target._valid_auto_compile_criteria({CACHE_KWARG: verification.cache}, generation_config):
+        return False
+    config = generation_config.compile_config or CompileConfig()
+    options = config.to_dict()
+    key = tuple((name, value if callable(value) else repr(value)) for name, value in sorted(options.items()))
+    if key not in _COMPILED_STEPS:
+        _COMPILED_STEPS[key] = torch.compile(static_draft_step, **options)
+    verification.forward = target.get_compiled_call(generation_config.compile_config)
+    static.use_compiled(_COMPILED_STEPS[key])
+    return True

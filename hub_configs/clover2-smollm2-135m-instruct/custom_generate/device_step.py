@@ -188,11 +188,14 @@ def draft_candidates(draft: Clover2ForDrafting, root_token: torch.Tensor, root_s
     scores, ranks = torch.cat(scores), torch.cat(ranks)
     n_pool = 1 + num_drafted
     # ancestors by gathers, level by level (parents precede children): row i = row parent(i) | {i}
-    anc = torch.eye(n_pool, dtype=torch.bool, device=device)
+    # uint8, not bool: torch 2.13's inductor fails to generate C++ for the fused bool `eye | gather` on a CPU
+    # (VecMask<int> against VecMask<float>); tests/test_static_step.py::test_the_drafting_step_compiles_with_inductor
+    anc = torch.eye(n_pool, dtype=torch.uint8, device=device)
     start = 1
     for size in level_sizes:
         anc[start : start + size] |= anc[parents[start : start + size]]
         start += size
+    anc = anc.bool()
     drafted = torch.ones(n_pool, dtype=torch.bool, device=device)
     drafted[0] = False
     cand = Candidates(tokens, parents, dep, scores, ranks, anc, drafted, on_lookup=torch.zeros_like(drafted),
@@ -444,8 +447,10 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
         past_length = static_verify.past_length() if static_verify is not None else cache.get_seq_length()
         if static_verify is not None:  # Q tokens over the whole static cache, under an explicit mask
             with verify_kernels[0], verify_kernels[1]:
-                out = model(input_ids=step.tokens[None], attention_mask=static_verify.mask(step, past_length, model.dtype),
-                            position_ids=(past_length + step.depths)[None], use_cache=True, **{CACHE_KWARG: cache})
+                out = static_verify.forward(input_ids=step.tokens[None],
+                                            attention_mask=static_verify.mask(step, past_length, model.dtype),
+                                            position_ids=(past_length + step.depths)[None], use_cache=True,
+                                            **{CACHE_KWARG: cache})
         elif step.q == 1:  # a plain decoding step, run as plain decoding runs it
             stats.plain_steps += 1
             out = model(input_ids=step.tokens[None], position_ids=(past_length + step.depths)[None],

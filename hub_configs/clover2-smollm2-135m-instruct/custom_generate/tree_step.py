@@ -66,6 +66,7 @@ from .options import DecodingOptions, pop_decoding_options
 from .static_step import (
     StaticDrafting,
     StaticVerification,
+    compiled_calls,
     static_verification_supported,
 )
 from .stats import Clover2Stats
@@ -232,9 +233,11 @@ def clover2_tree_decode(
         if static_verification_supported(model):  # the target's passes on a StaticCache too
             static_verify = StaticVerification(model, gc.max_length, static.num_nodes + 1)
             cache = static_verify.cache
+    compiled = static_verify is not None and compiled_calls(model, static, static_verify, gc)
     sizer = TreeSizer.for_pair(draft, model, settings.costs) if settings.adaptive else None
     stats.tree_settings = settings.describe() + (
-        "" if static is None else ", static shapes" + (" (drafting and verification)" if static_verify else " (drafting)"))
+        "" if static is None else ", static shapes" + (" (drafting and verification)" if static_verify else " (drafting)")
+        + (", compiled" if compiled else ""))
     stats.prompt_tokens = input_ids.shape[1]
     t_start = time.perf_counter()
 
