@@ -16,9 +16,11 @@ bf16 on CUDA), every drafter is `Clover2ForDrafting.from_target` of it (draft vo
    static cache, which transformers compiles on CUDA (its graph-captured baseline); and Clover-2 tree
    decoding whose lookup path is the target's own answer (`clover2_hf.tools.oracle`), L = tau - 1
    tokens for tau = 2, 3, 4, 5, eager, with and without static shapes (drafting and, for these Llama
-   shapes, verification on a StaticCache); then (CUDA) static shapes with the drafting step and the
-   target's forward under `torch.compile(mode="reduce-overhead")`. Reported: measured tau, ms per token,
-   compile time, and speed-up against each plain baseline; outputs checked identical to plain.
+   shapes, verification on a StaticCache; `disable_compile=True`, since transformers' rule would compile
+   them on CUDA); then static shapes compiled the package's way (`compile_config=CompileConfig()`: the
+   drafting step and the verification pass under `torch.compile(mode="reduce-overhead")`, CUDA graphs).
+   Reported: measured tau, ms per token, compile time, and speed-up against each plain baseline; outputs
+   checked identical to plain.
 
 The JSON is rewritten after every part, so a run cut short keeps what it finished.
 """
@@ -37,6 +39,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -143,104 +146,74 @@ def check_phases(target, draft, ids, new_tokens: int) -> dict:
 
 
 def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats: int) -> dict:
+    """Every method interleaved in one process; the first call of each (untimed) compiles what it compiles."""
     device = ids.device
     reference = target.generate(ids, do_sample=False, max_new_tokens=new_tokens)
     answer = reference[0, ids.shape[1]:].tolist()
-    methods = {"plain eager": None}
-    compiled = device.type == "cuda"
-    if compiled:
-        methods["plain compiled (static cache)"] = "compiled"
+    cuda = device.type == "cuda"
+    if cuda:  # transformers' default: inductor, "reduce-overhead" (CUDA graphs)
+        graph_config, graph_name = CompileConfig(), "compiled (reduce-overhead)"
+    else:  # the same plumbing traced by dynamo without code generation (a CPU check of this script)
+        graph_config, graph_name = CompileConfig(backend="eager", mode=None), "traced (eager backend)"
+        graph_config._compile_all_devices = True
+    methods = {"plain eager": {"disable_compile": True}}
+    if cuda:
+        methods["plain compiled (static cache)"] = {"cache_implementation": "static"}
     for tau in taus:
-        methods[f"clover2 eager, oracle tau {tau}"] = (tau, False)
-        methods[f"clover2 static shapes eager, oracle tau {tau}"] = (tau, True)
+        clover2 = dict(FIXED_TREE, assistant_model=draft, tree_lookup_tokens=tau - 1)
+        methods[f"clover2 eager, oracle tau {tau}"] = clover2
+        # transformers' rule would compile static shapes on CUDA: eager on request
+        methods[f"clover2 static shapes eager, oracle tau {tau}"] = dict(clover2, clover2_static_shapes=True,
+                                                                       disable_compile=True)
+        # one lookup width for every tau (the oracle proposes tau - 1 real tokens): one graph per shape
+        methods[f"clover2 static shapes {graph_name}, oracle tau {tau}"] = dict(
+            clover2, tree_lookup_tokens=max(taus) - 1, clover2_static_shapes=True, compile_config=graph_config,
+            oracle_tokens=tau - 1)
 
-    def run(method) -> tuple[float, bool, Clover2Stats | None]:
-        kwargs, stats = {}, None
-        if method == "compiled":
-            kwargs = {"cache_implementation": "static"}
-        elif method is not None:
-            tau, static = method
-            stats = Clover2Stats()
-            kwargs = dict(FIXED_TREE, assistant_model=draft, clover2_stats=stats, tree_lookup_tokens=tau - 1,
-                          clover2_static_shapes=static)
+    def run(kwargs: dict) -> tuple[float, bool, Clover2Stats | None]:
+        kwargs = dict(kwargs)
+        stats = Clover2Stats() if "assistant_model" in kwargs else None
+        oracle.answer_for(ids.shape[1], answer, per_step=kwargs.pop("oracle_tokens", None))
         synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = target.generate(ids, do_sample=False, max_new_tokens=new_tokens, **kwargs)
+            out = target.generate(ids, do_sample=False, max_new_tokens=new_tokens, **kwargs,
+                                  **({"clover2_stats": stats} if stats is not None else {}))
         synchronize(device)
         return time.perf_counter() - t0, torch.equal(out, reference), stats
 
     times = {name: [] for name in methods}
-    rows = {}
-    with OracleLookup() as oracle:
-        oracle.answer_for(ids.shape[1], answer)
-        for name, method in methods.items():  # warm-up (and compilation)
-            run(method)
+    rows = {name: {"identical": True} for name in methods}
+    oracle = OracleLookup()
+    with oracle:
+        for name, kwargs in methods.items():  # warm-up (and compilation)
+            try:
+                rows[name]["first_call_seconds"] = round(run(kwargs)[0], 2)
+            except Exception:
+                rows[name]["error"] = traceback.format_exc(limit=3)
+        methods = {name: kwargs for name, kwargs in methods.items() if "error" not in rows[name]}
         for r in range(repeats):
             order = list(methods.items()) if r % 2 == 0 else list(reversed(methods.items()))
-            for name, method in order:
-                seconds, identical, stats = run(method)
+            for name, kwargs in order:
+                seconds, identical, stats = run(kwargs)
                 times[name].append(seconds)
-                row = rows.setdefault(name, {"identical": True})
+                row = rows[name]
                 row["identical"] &= identical
                 if stats is not None:
                     row.update(tau=round(stats.new_tokens / stats.target_forwards, 3), walk=stats.walk,
-                               mean_tree_nodes=round(statistics.mean(stats.tree_sizes), 2))
+                               mean_tree_nodes=round(statistics.mean(stats.tree_sizes), 2),
+                               draft_ms_per_pass=round(1000 * stats.draft_time_s / stats.target_forwards, 3),
+                               settings=stats.tree_settings)
     plain = statistics.median(times["plain eager"])
-    plain_compiled = statistics.median(times["plain compiled (static cache)"]) if compiled else None
-    for name, row in rows.items():
+    plain_compiled = statistics.median(times["plain compiled (static cache)"]) if cuda else None
+    for name in methods:
         seconds = statistics.median(times[name])
+        row = rows[name]
         row["ms_per_token"] = round(1000 * seconds / new_tokens, 3)
         row["speedup_vs_plain_eager"] = round(plain / seconds, 3)
         if plain_compiled is not None:
             row["speedup_vs_plain_compiled"] = round(plain_compiled / seconds, 3)
-    if compiled:
-        rows["clover2 static shapes, drafting step and target forward compiled (reduce-overhead)"] = compiled_row(
-            target, draft, ids, new_tokens, reference, max(taus), repeats, plain, plain_compiled,
-            {"mode": "reduce-overhead"})
-    else:  # the same plumbing traced by dynamo without code generation (a CPU check of this script)
-        rows["clover2 static shapes, traced (eager backend)"] = compiled_row(
-            target, draft, ids, new_tokens, reference, max(taus), repeats, plain, None, {"backend": "eager"})
     return rows
-
-
-def compiled_row(target, draft, ids, new_tokens, reference, tau, repeats, plain, plain_compiled,
-                 compile_kwargs: dict) -> dict:
-    """Static-shape decoding with `static_draft_step` and the target's forward (verification on its
-    StaticCache; the prefill is a second graph) under `torch.compile(mode="reduce-overhead")` (CUDA
-    graphs): does it compile, stay exact, and how fast is it at the largest tau."""
-    from clover2_hf.generation import static_step
-
-    eager_step, eager_forward = static_step.static_draft_step, target.forward
-    row = {}
-    try:
-        static_step.static_draft_step = torch.compile(eager_step, **compile_kwargs)
-        target.forward = torch.compile(eager_forward, **compile_kwargs)
-        kwargs = dict(FIXED_TREE, assistant_model=draft, tree_lookup_tokens=tau - 1, clover2_static_shapes=True)
-        t0 = time.perf_counter()
-        target.generate(ids, do_sample=False, max_new_tokens=new_tokens, **kwargs)  # compiles
-        row["compile_seconds"] = round(time.perf_counter() - t0, 1)
-        times, identical = [], True
-        for _ in range(repeats):
-            stats = Clover2Stats()
-            synchronize(ids.device)
-            t0 = time.perf_counter()
-            out = target.generate(ids, do_sample=False, max_new_tokens=new_tokens, clover2_stats=stats, **kwargs)
-            synchronize(ids.device)
-            times.append(time.perf_counter() - t0)
-            identical &= torch.equal(out, reference)
-        seconds = statistics.median(times)
-        row.update(identical=identical, tau=round(stats.new_tokens / stats.target_forwards, 3),
-                   ms_per_token=round(1000 * seconds / new_tokens, 3),
-                   speedup_vs_plain_eager=round(plain / seconds, 3),
-                   speedup_vs_plain_compiled=round(plain_compiled / seconds, 3) if plain_compiled else None,
-                   draft_ms_per_pass=round(1000 * stats.draft_time_s / stats.target_forwards, 3))
-    except Exception:
-        row["error"] = traceback.format_exc(limit=3)
-    finally:
-        static_step.static_draft_step = eager_step
-        target.forward = eager_forward
-    return row
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 from conftest import BYTE_VOCAB as VOCAB
-from conftest import byte_chat_tokenizer, make_tiny_target
+from conftest import byte_chat_tokenizer, counting_compile_config, make_tiny_target
 
 from clover2_hf import Clover2ForDrafting
 from clover2_hf.tools import bench
@@ -23,6 +23,7 @@ from clover2_hf.tools.bench import (
     run_benchmark,
     summarize,
 )
+from clover2_hf.modeling_clover2 import CACHE_KWARG
 from clover2_hf.tools.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,6 +265,29 @@ def test_oracle_and_static_cache_methods_stay_exact_and_reach_their_tau(models):
     assert overall["clover2-oracle-tau4"]["mean_accept_length"] >= 2.7
     assert overall["clover2-oracle-tau4"]["tau"] > overall["clover2-oracle-tau2"]["tau"]
     assert overall["plain-static"]["tau"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(CACHE_KWARG != "cache", reason="static verification needs transformers >= 5.24")
+def test_graph_mode_compiles_the_static_methods_with_the_benchmark_options(models):
+    """`compile_config=` compiles plain-static and the static Clover-2 methods (a counting backend here), the
+    benchmark's tree options reach every Clover-2 method, and the outputs stay plain greedy decoding's."""
+    target, tokenizer, draft, _ = models
+    graphs = []
+    methods = ["plain-static", "clover2-tree-static", "clover2-oracle-static-tau3", "clover2-tree"]
+    out = run_benchmark(target, tokenizer, draft, three_categories()[:1], methods, max_new_tokens=16, warmup=False,
+                        progress=False, clover2_options={"tree_budget": 3, "tree_top_k": 2},
+                        compile_config=counting_compile_config(graphs))
+    assert all(out.summary[m][OVERALL]["identical"] for m in methods)
+    settings = {r.method: r.tree_settings for r in out.records}
+    assert settings["clover2-tree-static"].startswith("tree_budget=3, tree_top_k=2 (explicit values)")
+    assert settings["clover2-tree-static"].endswith("compiled")
+    assert settings["clover2-oracle-static-tau3"].endswith("compiled")
+    assert settings["clover2-tree"].startswith("tree_budget=3, tree_top_k=2") and "static" not in settings["clover2-tree"]
+    assert settings["plain-static"] is None and len(graphs) >= 3  # plain's step, the drafting step, a verification
+    assert out.settings["clover2_options"] == {"tree_budget": 3, "tree_top_k": 2}
+    assert out.summary["clover2-oracle-static-tau3"][OVERALL]["mean_accept_length"] >= 2.5
+    with pytest.raises(ValueError, match="clover2_options: unknown option"):
+        run_benchmark(target, tokenizer, draft, three_categories()[:1], ["clover2-tree"], clover2_options={"budget": 3})
 
 
 def test_cli_random_target_refuses_a_second_target(capsys):

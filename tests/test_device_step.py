@@ -271,9 +271,10 @@ def test_gpu_step_check_runs_its_cpu_smoke_mode(tmp_path, monkeypatch):
     rows = tiny["oracle"]
     assert all(row["identical"] for name, row in rows.items() if "identical" in row)
     assert rows["clover2 eager, oracle tau 5"]["tau"] >= rows["clover2 eager, oracle tau 2"]["tau"]
-    traced = rows["clover2 static shapes, traced (eager backend)"]
-    assert "error" not in traced, traced.get("error")
-    assert traced["identical"]
+    for tau in (2, 5):  # the package's graph path (one lookup width for every tau)
+        traced = rows[f"clover2 static shapes traced (eager backend), oracle tau {tau}"]
+        assert "error" not in traced, traced.get("error")
+        assert traced["identical"] and traced["settings"].endswith("compiled")
     assert (tmp_path / "smoke.json").exists()
 
 

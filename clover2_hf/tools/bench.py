@@ -11,11 +11,18 @@ machine state:
 * ``"prompt-lookup"``: transformers' prompt lookup decoding (`prompt_lookup_num_tokens=`);
 * ``"assisted"``: transformers' assisted generation with a smaller model sharing the tokenizer;
 * ``"clover2-tree-static"``: tree decoding with static shapes (`clover2_static_shapes=True`);
-* ``"plain-static"``: plain `generate()` with a static cache (`cache_implementation="static"`), which
-  transformers compiles on CUDA: the graph-captured baseline a graph-captured method must beat;
-* ``"clover2-oracle-tauN"`` (N >= 2): Clover-2 tree decoding whose lookup path is the target's own
+* ``"plain-static"``: plain `generate()` with a static cache (`cache_implementation="static"`);
+* ``"clover2-oracle-tauN"`` (N = 2..5): Clover-2 tree decoding whose lookup path is the target's own
   plain answer, N - 1 tokens per step (`clover2_hf.tools.oracle`): the loop's speed at tau ~N whatever
-  the drafter's quality, e.g. on a target with random weights (`clover2 bench --random-target`).
+  the drafter's quality, e.g. on a target with random weights (`clover2 bench --random-target`);
+* ``"clover2-oracle-static-tauN"``: the same with static shapes.
+
+Graph mode: the static methods (``plain-static``, ``clover2-tree-static``, ``clover2-oracle-static-tauN``)
+run compiled wherever plain `generate()` compiles a static cache: on CUDA by default (transformers' rule),
+anywhere with `compile_config=` (`clover2 bench --compile`: `CompileConfig()` with transformers' switch for
+every device). So a graph-captured Clover-2 step is compared with a graph-captured plain step
+(``plain-static``), and both with eager plain decoding (``plain``). The first run of each compiled method
+(the warm-up) pays the compilation.
 
 A warm-up generation of every method comes first (not recorded). The order of plain and the methods
 alternates from one question to the next (and from one repeat to the next), so slow drifts of the
@@ -63,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASELINE",
+    "BENCH_OPTIONS",
     "BenchResult",
     "DEFAULT_METHODS",
     "METHODS",
@@ -84,10 +92,14 @@ CLOVER2_METHODS = {
     "clover2-chain": {"clover2_decoding": "chain"},
     "clover2-tree-static": {"clover2_decoding": "tree", "clover2_static_shapes": True},
 }
+ORACLE_PREFIX = "clover2-oracle-tau"
+ORACLE_STATIC_PREFIX = "clover2-oracle-static-tau"
 METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup", "assisted", "clover2-tree-static",
            "plain-static",
-           "clover2-oracle-tau2", "clover2-oracle-tau3", "clover2-oracle-tau4", "clover2-oracle-tau5")
-ORACLE_PREFIX = "clover2-oracle-tau"
+           *(f"{ORACLE_PREFIX}{tau}" for tau in range(2, 6)), *(f"{ORACLE_STATIC_PREFIX}{tau}" for tau in range(2, 6)))
+STATIC_METHODS = ("plain-static", "clover2-tree-static", *(f"{ORACLE_STATIC_PREFIX}{tau}" for tau in range(2, 6)))
+#: the Clover-2 options a benchmark may set for all its Clover-2 methods (`run_benchmark(clover2_options=)`)
+BENCH_OPTIONS = ("tree_budget", "tree_top_k", "tree_lookup_tokens")
 DEFAULT_METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup")
 OVERALL = "overall"
 _WARMUP_TOKENS = 8
@@ -220,6 +232,7 @@ class RunRecord:
     identical: bool  # output equals plain greedy generate's (always True for plain)
     tokens_per_step: list[int] = field(default_factory=list)  # Clover-2: tokens emitted per verification pass
     accepted_depths: list[int] = field(default_factory=list)  # Clover-2: accepted draft tokens per pass
+    tree_settings: str | None = None  # Clover-2 tree methods: the settings used and where they came from
 
     @property
     def tokens_per_s(self) -> float:
@@ -413,8 +426,11 @@ class _Run:
 class _Runner:
     """Runs one greedy generation of one method and measures it."""
 
-    def __init__(self, target, tokenizer, draft, assistant_model, prompt_lookup_num_tokens: int) -> None:
+    def __init__(self, target, tokenizer, draft, assistant_model, prompt_lookup_num_tokens: int,
+                 clover2_options: dict[str, Any], compile_config) -> None:
         self.target = target
+        self.clover2_options = clover2_options
+        self.compile_config = compile_config
         self.draft = draft
         self.assistant = assistant_model
         self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
@@ -438,17 +454,20 @@ class _Runner:
                                       attention_mask=torch.ones_like(ids))
         stats = None
         oracle = contextlib.nullcontext()
+        if method.startswith("clover2-"):  # the benchmark's options, then the method's own
+            stats = Clover2Stats()
+            kwargs.update(self.clover2_options, assistant_model=self.draft, clover2_stats=stats)
         if method in CLOVER2_METHODS:
-            stats = Clover2Stats()
-            kwargs.update(CLOVER2_METHODS[method], assistant_model=self.draft, clover2_stats=stats)
-        elif method.startswith(ORACLE_PREFIX):
-            stats = Clover2Stats()
-            tau = int(method.removeprefix(ORACLE_PREFIX))
-            kwargs.update(assistant_model=self.draft, clover2_stats=stats, clover2_decoding="tree",
-                          tree_lookup_tokens=tau - 1)
+            kwargs.update(CLOVER2_METHODS[method])
+        elif method.startswith((ORACLE_PREFIX, ORACLE_STATIC_PREFIX)):
+            static = method.startswith(ORACLE_STATIC_PREFIX)
+            tau = int(method.removeprefix(ORACLE_STATIC_PREFIX if static else ORACLE_PREFIX))
+            kwargs.update(clover2_decoding="tree", tree_lookup_tokens=tau - 1, clover2_static_shapes=static)
             oracle = OracleLookup()
             oracle.answer_for(ids.shape[1], self.reference(ids, max_new_tokens))
-        elif method == "plain-static":
+        if method in STATIC_METHODS and self.compile_config is not None:
+            kwargs.update(compile_config=self.compile_config)
+        if method == "plain-static":
             kwargs.update(cache_implementation="static")
         elif method == "prompt-lookup":
             kwargs.update(prompt_lookup_num_tokens=self.prompt_lookup_num_tokens)
@@ -487,6 +506,8 @@ def run_benchmark(
     prompt_lookup_num_tokens: int = 10,
     warmup: bool = True,
     progress: bool = True,
+    clover2_options: dict[str, Any] | None = None,
+    compile_config=None,
 ) -> BenchResult:
     """Run plain greedy `generate()` and each method on every question; see the module docstring.
 
@@ -504,6 +525,10 @@ def run_benchmark(
         prompt_lookup_num_tokens: draft length of the ``prompt-lookup`` method.
         warmup: run each method once (8 new tokens, not recorded) before measuring.
         progress: show a tqdm progress bar on stderr.
+        clover2_options: `generate()` options for every Clover-2 method, any of `BENCH_OPTIONS` (e.g.
+            ``{"tree_budget": 4, "tree_top_k": 2}``); a method's own setting (the no-lookup and oracle methods'
+            `tree_lookup_tokens`) wins.
+        compile_config: a `transformers.CompileConfig` for the static methods (see "Graph mode" above).
     """
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
@@ -515,11 +540,15 @@ def run_benchmark(
         raise ValueError("the 'assisted' method needs a smaller same-tokenizer model (assistant_model=...)")
     if max_new_tokens < 1 or repeats < 1:
         raise ValueError("max_new_tokens and repeats must be >= 1")
+    clover2_options = dict(clover2_options or {})
+    if set(clover2_options) - set(BENCH_OPTIONS):
+        raise ValueError(f"clover2_options: unknown option(s) {', '.join(sorted(set(clover2_options) - set(BENCH_OPTIONS)))}; "
+                         f"choose from {', '.join(BENCH_OPTIONS)}")
     questions = list(questions) if questions is not None else load_questions()
     if not questions:
         raise ValueError("no questions to benchmark")
 
-    runner = _Runner(target, tokenizer, draft, assistant_model, prompt_lookup_num_tokens)
+    runner = _Runner(target, tokenizer, draft, assistant_model, prompt_lookup_num_tokens, clover2_options, compile_config)
     device = target.device
     all_methods = [BASELINE, *methods]
     records: list[RunRecord] = []
@@ -569,6 +598,8 @@ def run_benchmark(
         "both_turns": both_turns,
         "repeats": repeats,
         "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
+        "clover2_options": clover2_options,
+        "compile_config": repr(compile_config) if compile_config is not None else None,
         "tree_settings": auto_tree_settings(draft, target).describe() if draft is not None else None,
         "tree_budget": draft.config.tree_budget if draft is not None else None,
         "tree_lookup_tokens": draft.config.tree_lookup_tokens if draft is not None else None,
@@ -605,6 +636,7 @@ def _record(question: Question, turn: int, method: str, prompt_tokens: int, runs
         identical=all(r.new_ids == reference for r in runs),
         tokens_per_step=list(stats.tokens_per_step) if stats is not None else [],
         accepted_depths=list(stats.accepted_depths) if stats is not None else [],
+        tree_settings=(stats.tree_settings or None) if stats is not None else None,
     )
 
 

@@ -351,10 +351,19 @@ def _bench_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens generated per answer")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of clover2-tree,clover2-tree-nolookup,clover2-chain,prompt-lookup,assisted, "
-                        "clover2-tree-static (static shapes), plain-static (plain generate on a static cache: compiled on CUDA), "
-                        "clover2-oracle-tau2..5 (the "
-                        "target's own answer as lookup path: the loop's speed at that tau) "
+                        "clover2-tree-static (static shapes), plain-static (plain generate on a static cache), "
+                        "clover2-oracle-tau2..5 (the target's own answer as lookup path: the loop's speed at that "
+                        "tau), clover2-oracle-static-tau2..5 (the same with static shapes) "
                         "(default: the first four, plus assisted with --assistant)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the static methods (plain-static, clover2-tree-static, clover2-oracle-static-*) on "
+                        "any device; without it they compile where transformers compiles a static cache (CUDA)")
+    p.add_argument("--tree-budget", type=_positive_int, default=None,
+                   help="tree budget for every Clover-2 method (default: the drafter's config)")
+    p.add_argument("--tree-top-k", type=_positive_int, default=None,
+                   help="tree top-k for every Clover-2 method (default: the drafter's config)")
+    p.add_argument("--tree-lookup-tokens", type=_non_negative_int, default=None,
+                   help="prompt-lookup tokens for the Clover-2 methods that use the drafter's (default: its config)")
     p.add_argument("--random-target", default=None, choices=["smollm2-135m", "llama3-8b"],
                    help="instead of --target: random weights in that model's shape (prompts tokenized by the embedded "
                         "SmolLM2 tokenizer; drafter: --draft if it fits, else a random one; for loop-cost "
@@ -543,7 +552,7 @@ def _random_models(args):
 def _bench(args) -> None:
     from pathlib import Path
 
-    from .bench import DEFAULT_METHODS, METHODS, QuestionFileError, load_questions, run_benchmark
+    from .bench import BENCH_OPTIONS, DEFAULT_METHODS, METHODS, QuestionFileError, load_questions, run_benchmark
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [
         *DEFAULT_METHODS, *(["assisted"] if args.assistant else [])]
@@ -571,6 +580,13 @@ def _bench(args) -> None:
         from transformers import AutoModelForCausalLM
 
         assistant = AutoModelForCausalLM.from_pretrained(args.assistant, dtype=target.dtype).to(target.device).eval()
+    options = {name: getattr(args, name) for name in BENCH_OPTIONS if getattr(args, name) is not None}
+    compile_config = None
+    if args.compile:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers' switch for compiling generate() off CUDA
     source = "MT-Bench questions" if args.questions is None else f"questions of {args.questions}"
     print(f"running {len(questions)} of {total} {source}" + (
         " (1 per category); --all for every question, --per-category N for more" if subset else ""), file=sys.stderr)
@@ -578,7 +594,7 @@ def _bench(args) -> None:
         target, tokenizer, draft if needs_draft else None, questions, methods,
         max_new_tokens=args.max_new_tokens, both_turns=args.both_turns, repeats=args.repeats,
         assistant_model=assistant, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
-        progress=not args.no_progress,
+        progress=not args.no_progress, clover2_options=options, compile_config=compile_config,
     )
     out = Path(args.output_dir)
     result.to_json(out / "results.json")

@@ -22,7 +22,8 @@ class OracleLookup:
     """Stands in for `lookup_continuation` in both tree walks while active (`with OracleLookup() as oracle`).
 
     Set the reference with `oracle.answer_for(prompt_length, answer_ids)` before each call; the number of
-    tokens proposed per step is the call's `tree_lookup_tokens`."""
+    tokens proposed per step is the call's `tree_lookup_tokens`, or fewer with `per_step=` (so that static-shape
+    calls of several taus share one lookup width, hence one compiled graph)."""
 
     # both walks look the function up in their module globals at call time
     _MODULES = (tree_step, device_step)
@@ -30,13 +31,16 @@ class OracleLookup:
     def __init__(self) -> None:
         self.prompt_length = 0
         self.answer: list[int] = []
+        self.per_step: int | None = None
         self._saved: list = []
 
-    def answer_for(self, prompt_length: int, answer: list[int]) -> None:
-        self.prompt_length, self.answer = prompt_length, list(answer)
+    def answer_for(self, prompt_length: int, answer: list[int], per_step: int | None = None) -> None:
+        self.prompt_length, self.answer, self.per_step = prompt_length, list(answer), per_step
 
     def __call__(self, context: list[int], num_tokens: int, max_ngram: int) -> list[int]:
         done = len(context) - self.prompt_length
+        if self.per_step is not None:
+            num_tokens = min(num_tokens, self.per_step)
         return self.answer[done : done + num_tokens]
 
     def __enter__(self) -> OracleLookup:
