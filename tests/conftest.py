@@ -100,3 +100,33 @@ def counting_compile_config(graphs: list) -> CompileConfig:
     config = CompileConfig(backend=backend, mode=None)  # a custom backend takes no mode
     config._compile_all_devices = True  # transformers' own switch for compiling generate() on a CPU
     return config
+
+
+def reusing_compile_config(graphs: list) -> CompileConfig:
+    """Like `counting_compile_config`, but each graph writes its outputs into the same buffers on every call, as
+    a CUDA graph replay does: a caller that reads an output after the next call of that graph reads the new values
+    (what cudagraph trees' "overwritten by a subsequent run" means), so identity tests catch it on a CPU."""
+
+    def backend(graph_module, example_inputs, **_):
+        graphs.append(graph_module)
+        buffers: list = []
+
+        def run(*args):
+            outputs = graph_module.forward(*args)
+            single = not isinstance(outputs, (tuple, list))
+            outputs = [outputs] if single else list(outputs)
+            if not buffers:
+                buffers.extend(o.clone() if isinstance(o, torch.Tensor) else None for o in outputs)
+            kept = []
+            for out, buffer in zip(outputs, buffers):
+                if buffer is None or buffer.shape != out.shape or buffer.dtype != out.dtype:
+                    kept.append(out)
+                else:
+                    kept.append(buffer.copy_(out))
+            return kept[0] if single else type(outputs)(kept) if isinstance(outputs, tuple) else kept
+
+        return run
+
+    config = CompileConfig(backend=backend, mode=None)
+    config._compile_all_devices = True
+    return config

@@ -169,6 +169,9 @@ def test_unreachable_hub_id_is_one_line_from_the_command(tmp_path):
     (["bench", "--per-category", "0"], "--per-category"),
     (["bench", "--repeats", "0"], "--repeats"),
     (["bench", "--max-new-tokens", "many"], "--max-new-tokens"),
+    (["bench", "--tree-budget", "0"], "--tree-budget"),
+    (["bench", "--tree-top-k", "two"], "--tree-top-k"),
+    (["bench", "--tree-lookup-tokens", "-1"], "--tree-lookup-tokens"),
     (["self-distill", "--output", "a.jsonl", "--batch-size", "0"], "--batch-size"),
     (["train", "--output-dir", "o", "--batch-size", "0"], "--batch-size"),
     (["train", "--output-dir", "o", "--max-steps", "0"], "--max-steps"),
@@ -207,6 +210,12 @@ def test_assisted_without_assistant_exits_2(capsys):
 
 def test_all_conflicts_with_subsets(capsys):
     _one_line_error(capsys, ["bench", "--all", "--per-category", "2"], "--all")
+
+
+def test_compile_and_tree_options_need_methods_they_apply_to(capsys):
+    _one_line_error(capsys, ["bench", "--compile", "--methods", "clover2-tree"], "--compile", "static methods")
+    _one_line_error(capsys, ["bench", "--tree-budget", "3", "--methods", "prompt-lookup,plain-static"], "--tree-budget",
+                    "clover2-*")
 
 
 class _Stop(Exception):

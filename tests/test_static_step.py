@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import counting_compile_config
+from conftest import counting_compile_config, reusing_compile_config
 from drafters import random_pair, trained_pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -194,11 +194,12 @@ def test_the_verification_pass_on_the_static_cache_traces_into_one_graph_without
 @pytest.mark.parametrize("arch", ("llama", "qwen3"))
 def test_compiled_static_decoding_captures_both_steps_and_stays_exact(arch):
     """With a compile config that plain decoding would honour, the drafting step and the verification pass run
-    compiled: one graph each (no breaks), traced on the first call only, outputs exactly plain greedy's."""
+    compiled: one graph each (no breaks), traced on the first call only, outputs exactly plain greedy's, also when
+    every graph reuses its output buffers from call to call as a CUDA graph replay does."""
     target, draft, prompts = trained_pair(arch)
     torch._dynamo.reset()
     graphs = []
-    config = counting_compile_config(graphs)
+    config = reusing_compile_config(graphs)
     taus = []
     for i in range(4):
         ids = prompts[i : i + 1].repeat(1, 2)  # same lengths: the graphs of the first call serve them all
@@ -210,6 +211,7 @@ def test_compiled_static_decoding_captures_both_steps_and_stays_exact(arch):
         assert torch.equal(plain, got)
         assert stats.tree_settings.endswith("static shapes (drafting and verification), compiled")
         assert len(graphs) == 2  # the drafting step and the verification pass
+        assert sorted("fc1" in graph.code for graph in graphs) == [False, True]  # one of them reads the drafter
         taus.append(stats.tau)
     assert max(taus) > 1.5  # paths were accepted, so compaction and the next step's inputs ran through the graphs
     # another prompt length and answer length: new shapes, still exact

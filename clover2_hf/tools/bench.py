@@ -77,6 +77,7 @@ __all__ = [
     "Question",
     "QuestionFileError",
     "RunRecord",
+    "STATIC_METHODS",
     "default_questions_path",
     "encode_chat",
     "load_questions",

@@ -552,7 +552,15 @@ def _random_models(args):
 def _bench(args) -> None:
     from pathlib import Path
 
-    from .bench import BENCH_OPTIONS, DEFAULT_METHODS, METHODS, QuestionFileError, load_questions, run_benchmark
+    from .bench import (
+        BENCH_OPTIONS,
+        DEFAULT_METHODS,
+        METHODS,
+        STATIC_METHODS,
+        QuestionFileError,
+        load_questions,
+        run_benchmark,
+    )
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [
         *DEFAULT_METHODS, *(["assisted"] if args.assistant else [])]
@@ -561,6 +569,12 @@ def _bench(args) -> None:
         raise UsageError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if "assisted" in methods and not args.assistant:
         raise UsageError("--methods: the 'assisted' method needs --assistant <smaller same-tokenizer model>")
+    if args.compile and not set(methods) & set(STATIC_METHODS):
+        raise UsageError(f"--compile: applies to the static methods only ({', '.join(STATIC_METHODS)}); "
+                         "none is in --methods")
+    for name in BENCH_OPTIONS:
+        if getattr(args, name) is not None and not any(m.startswith("clover2-") for m in methods):
+            raise UsageError(f"--{name.replace('_', '-')}: applies to the clover2-* methods only; none is in --methods")
     if args.all and (args.num_questions is not None or args.per_category is not None):
         raise UsageError("--all: cannot be combined with --num-questions or --per-category")
     subset = not args.all and args.num_questions is None and args.per_category is None

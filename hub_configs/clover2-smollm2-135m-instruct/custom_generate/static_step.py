@@ -22,12 +22,16 @@ on a `StaticCache` too, under an explicit mask, with the accepted path compacted
 verify on their `DynamicCache` (constant width, growing context).
 
 Graph capture follows plain decoding's rule (`compiled_calls`): when plain `generate()` would compile its
-decoding steps on this static cache (CUDA / XPU, or a `compile_config` with `_compile_all_devices`, and no
-`disable_compile`), the verification pass runs as `target.get_compiled_call(generation_config.compile_config)`
-and every drafting step after the first as `static_draft_step` under the same `torch.compile` settings
-(default `CompileConfig()`: inductor, "reduce-overhead", i.e. CUDA graphs). The prefill and the first drafting
-step (over the prompt) stay eager, as plain decoding's prefill does. So `clover2_static_shapes=True` against
-`cache_implementation="static"` compares a graph-captured Clover-2 step with a graph-captured plain step.
+decoding steps on this static cache (on CUDA / XPU and the other devices transformers lists, or with a
+`compile_config` whose `_compile_all_devices` is set; never with `disable_compile`), the verification pass runs
+as `target.get_compiled_call(generation_config.compile_config)` and every drafting step after the first as
+`static_draft_step` under `torch.compile(**compile_config.to_dict())` (`CompileConfig()` when the call has
+none: inductor, "reduce-overhead", i.e. CUDA graphs; on TPU / Neuron, where transformers picks the device's own
+backend for the target, pass `compile_config=` to give the drafter the same). The prefill and the first
+drafting step (over the prompt) stay eager, as plain decoding's prefill does. So `clover2_static_shapes=True`
+against `cache_implementation="static"` compares a graph-captured Clover-2 step with a graph-captured plain
+step. Targets that verify on their `DynamicCache` (sliding-window layers, transformers < 5.24) compile
+nothing.
 """
 
 from __future__ import annotations
@@ -145,7 +149,9 @@ class StaticDrafting:
 
     def use_compiled(self, step_fn) -> None:
         """Run every drafting step after the first with `step_fn` (`static_draft_step` under `torch.compile`)."""
-        for buffer in (self.kv.keys, self.kv.values):  # mutated in place by every step: fixed addresses for CUDA graphs
+        # mutated in place by every step: fixed addresses, or inductor skips CUDA graphs for mutated inputs (the
+        # StaticCache's own buffers are marked by transformers); only a GPU run shows it (gpu_step_check's rows)
+        for buffer in (self.kv.keys, self.kv.values):
             torch._dynamo.mark_static_address(buffer)
         self.step_fn, self.compiled = step_fn, True
 
@@ -167,6 +173,8 @@ class StaticDrafting:
         # the first step reads the prompt (its own width): eager, like the prefill
         step_fn = self.step_fn if self.hidden.shape[1] == self.width else static_draft_step
         if self.compiled:  # a new step: the last step's graph outputs (read by now) may be overwritten
+            # (after this call cudagraph trees start a new generation only at such marks, for the whole process;
+            # plain decoding drops its outputs every step, so it is unaffected)
             torch.compiler.cudagraph_mark_step_begin()
         return step_fn(self.draft, self.kv, self.hidden, self.next_ids, self.start, self.last, root_token,
                        chain, length, self.top_k, self.budget)
@@ -255,12 +263,15 @@ def compiled_calls(target, static: StaticDrafting, verification: StaticVerificat
     Plain `generate()` compiles its decoding steps when `target._valid_auto_compile_criteria` holds for its
     cache; the same test on this call's `StaticCache` decides here, and the same `compile_config` is used
     (`get_compiled_call`'s for the target; `torch.compile(static_draft_step, **config.to_dict())` for the
-    drafter, `CompileConfig()` when the call has none). Returns whether it compiled.
+    drafter, `CompileConfig()` when the call has none). Returns whether the two were handed to the compiler
+    (dynamo may still run a call eagerly, e.g. past its recompile limit).
 
     Relies on the private `GenerationMixin._valid_auto_compile_criteria(model_kwargs, generation_config)`
-    (reading `model_kwargs["cache"]`) and the public `get_compiled_call`; caught by
-    tests/test_static_step.py::test_compiled_static_decoding_captures_both_steps_and_stays_exact (and its
-    twin that checks nothing compiles without a compile config on a CPU).
+    (reading `model_kwargs["cache"]`), the public `get_compiled_call`, and dynamo running the target's
+    forward hooks inside the compiled pass onto the hook object of the current call (`PreNormCapture` is
+    new per call); caught by tests/test_static_step.py::test_compiled_static_decoding_captures_both_steps_and_stays_exact
+    (four calls, no recompile, exact output with outputs overwritten at each replay) and its twin that checks
+    nothing compiles on a CPU without a compile config.
     """
     if not target._valid_auto_compile_criteria({CACHE_KWARG: verification.cache}, generation_config):
         return False
