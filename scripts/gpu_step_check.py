@@ -6,6 +6,9 @@
 No download: every target has random weights in a real model's shape (SmolLM2-135M's and Llama-3-8B's,
 bf16 on CUDA), every drafter is `Clover2ForDrafting.from_target` of it (draft vocabulary 8192).
 
+0. graph exactness: static shapes graph-captured by the package (`compile_config=CompileConfig()`: real CUDA
+   graphs on CUDA) on a small float32 target, against plain greedy decoding, token for token (bf16 runs
+   below cannot show exactness: multi-token passes round differently).
 1. syncs: greedy `generate(assistant_model=draft)`; on CUDA under `torch.cuda.set_sync_debug_mode("warn")`
    (each synchronising call warns once: counted), on a CPU with `clover2_hf.tools.host_syncs.counting`
    (scalar reads + host copies). Per target pass, for the device walk (fixed tree, then "auto" sizing)
@@ -145,6 +148,33 @@ def check_phases(target, draft, ids, new_tokens: int) -> dict:
             "ms_per_pass": round(1000 * total / passes, 3), "phases": phases}
 
 
+def graph_exactness(device: torch.device) -> dict:
+    """The graph-captured static path in float32 (where a tree pass and a 1-token pass agree) on a small
+    random target: identical to plain greedy decoding on several prompts and answer lengths? On CUDA this runs
+    real CUDA graphs (`CompileConfig()`, "reduce-overhead"), so a graph output read after the next replay
+    would show here; on a CPU it traces with the eager backend."""
+    shape = dict(SMOKE_SHAPE["tiny"], hidden_size=256, intermediate_size=512, num_hidden_layers=4, vocab_size=4096)
+    target, draft = build_pair(shape, device, torch.float32)
+    config = CompileConfig()
+    if device.type != "cuda":
+        config = CompileConfig(backend="eager", mode=None)
+        config._compile_all_devices = True
+    rows, generator = [], torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for i, (length, new_tokens) in enumerate([(24, 40), (24, 40), (31, 64), (24, 40)]):
+            pattern = torch.randint(3, shape["vocab_size"], (6,), generator=generator)
+            ids = (pattern.repeat(length // 6 + 1)[:length] if i % 2 else
+                   torch.randint(3, shape["vocab_size"], (length,), generator=generator))[None].to(device)
+            plain = target.generate(ids, do_sample=False, max_new_tokens=new_tokens)
+            stats = Clover2Stats()
+            got = target.generate(ids, do_sample=False, max_new_tokens=new_tokens, assistant_model=draft,
+                                  clover2_stats=stats, tree_lookup_tokens=3, clover2_static_shapes=True,
+                                  compile_config=config, **FIXED_TREE)
+            rows.append({"prompt": length, "new_tokens": new_tokens, "identical": torch.equal(plain, got),
+                         "tau": round(stats.tau, 3), "settings": stats.tree_settings})
+    return {"identical": all(r["identical"] for r in rows), "calls": rows}
+
+
 def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats: int) -> dict:
     """Every method interleaved in one process; the first call of each (untimed) compiles what it compiles."""
     device = ids.device
@@ -166,7 +196,7 @@ def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats:
         methods[f"clover2 static shapes eager, oracle tau {tau}"] = dict(clover2, clover2_static_shapes=True,
                                                                        disable_compile=True)
         # one lookup width for every tau (the oracle proposes tau - 1 real tokens): one graph per shape
-        methods[f"clover2 static shapes {graph_name}, oracle tau {tau}"] = dict(
+        methods[f"clover2 static shapes {graph_name}, lookup width {max(taus) - 1}, oracle tau {tau}"] = dict(
             clover2, tree_lookup_tokens=max(taus) - 1, clover2_static_shapes=True, compile_config=graph_config,
             oracle_tokens=tau - 1)
 
@@ -183,7 +213,7 @@ def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats:
         return time.perf_counter() - t0, torch.equal(out, reference), stats
 
     times = {name: [] for name in methods}
-    rows = {name: {"identical": True} for name in methods}
+    rows = {name: {} for name in methods}
     oracle = OracleLookup()
     with oracle:
         for name, kwargs in methods.items():  # warm-up (and compilation)
@@ -198,14 +228,17 @@ def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats:
                 seconds, identical, stats = run(kwargs)
                 times[name].append(seconds)
                 row = rows[name]
-                row["identical"] &= identical
+                row["identical"] = row.get("identical", True) and identical
                 if stats is not None:
                     row.update(tau=round(stats.new_tokens / stats.target_forwards, 3), walk=stats.walk,
                                mean_tree_nodes=round(statistics.mean(stats.tree_sizes), 2),
                                draft_ms_per_pass=round(1000 * stats.draft_time_s / stats.target_forwards, 3),
                                settings=stats.tree_settings)
+    if "plain eager" not in methods:  # no baseline: the rows without speeds
+        return rows
     plain = statistics.median(times["plain eager"])
-    plain_compiled = statistics.median(times["plain compiled (static cache)"]) if cuda else None
+    plain_compiled = (statistics.median(times["plain compiled (static cache)"])
+                      if "plain compiled (static cache)" in methods else None)
     for name in methods:
         seconds = statistics.median(times[name])
         row = rows[name]
@@ -221,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens (a CPU check of this script)")
     p.add_argument("--output", default="gpu_step_check.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", default=None, help="comma-separated: smollm2-135m,llama3-8b (default both)")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated (default: llama3-8b,smollm2-135m; the issue's bar first, in case time runs out)")
     p.add_argument("--taus", default="2,3,4,5")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per call (default 128; smoke 12)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 2; smoke 1)")
@@ -230,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = SMOKE_SHAPE if args.smoke else {k: SHAPES[k] for k in (args.shapes or ",".join(SHAPES)).split(",")}
+    shapes = SMOKE_SHAPE if args.smoke else {k: SHAPES[k] for k in (args.shapes or "llama3-8b,smollm2-135m").split(",")}
     new_tokens = args.new_tokens or (12 if args.smoke else 128)
     repeats = args.repeats or (1 if args.smoke else 2)
     taus = [int(t) for t in args.taus.split(",")]
@@ -243,6 +277,13 @@ def main(argv: list[str] | None = None) -> dict:
         output.write_text(json.dumps(result, indent=2) + "\n")
 
     t_start = time.perf_counter()
+    try:
+        result["graph_exactness_float32"] = graph_exactness(device)
+    except Exception:
+        result["graph_exactness_float32"] = {"error": traceback.format_exc(limit=4)}
+    print(f"[{time.perf_counter() - t_start:6.0f} s] graph exactness: "
+          f"{json.dumps(result['graph_exactness_float32'])[:400]}", flush=True)
+    save()
     for shape_name, shape in shapes.items():
         entry = result["shapes"].setdefault(shape_name, {})
         try:
