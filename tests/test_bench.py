@@ -267,6 +267,7 @@ def test_oracle_and_static_cache_methods_stay_exact_and_reach_their_tau(models):
     assert overall["plain-static"]["tau"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # ~11 s of tracing; tests/test_static_step.py covers the compiled path in the fast loop
 @pytest.mark.skipif(CACHE_KWARG != "cache", reason="static verification needs transformers >= 5.24")
 def test_graph_mode_compiles_the_static_methods_with_the_benchmark_options(models):
     """`compile_config=` compiles plain-static and the static Clover-2 methods (a counting backend here), the

@@ -191,7 +191,7 @@ def test_the_verification_pass_on_the_static_cache_traces_into_one_graph_without
 
 
 @pytest.mark.skipif(CACHE_KWARG != "cache", reason="static verification needs transformers >= 5.24")
-@pytest.mark.parametrize("arch", ("llama", "qwen3"))
+@pytest.mark.parametrize("arch", ("llama", pytest.param("qwen3", marks=pytest.mark.slow)))
 def test_compiled_static_decoding_captures_both_steps_and_stays_exact(arch):
     """With a compile config that plain decoding would honour, the drafting step and the verification pass run
     compiled: one graph each (no breaks), traced on the first call only, outputs exactly plain greedy's, also when
