@@ -262,8 +262,10 @@ def test_gpu_step_check_runs_its_cpu_smoke_mode(tmp_path, monkeypatch):
     finally:
         sys.path.pop(0)
     result = gpu_step_check.main(["--smoke", "--output", str(tmp_path / "smoke.json"), "--threads", "1"])
+    # graph capture needs static verification (transformers >= 5.24); older versions run the same calls eagerly
+    captured = CACHE_KWARG == "cache"
     assert result["graph_exactness_float32"]["identical"]
-    assert all(call["settings"].endswith("compiled") for call in result["graph_exactness_float32"]["calls"])
+    assert all(call["settings"].endswith("compiled") == captured for call in result["graph_exactness_float32"]["calls"])
     tiny = result["shapes"]["tiny"]
     assert "error" not in tiny
     assert tiny["syncs"]["device walk, fixed tree 8/4"]["syncs_per_pass"] <= 2.0
@@ -276,7 +278,7 @@ def test_gpu_step_check_runs_its_cpu_smoke_mode(tmp_path, monkeypatch):
     for tau in (2, 5):  # the package's graph path (one lookup width for every tau)
         traced = rows[f"clover2 static shapes traced (eager backend), lookup width 4, oracle tau {tau}"]
         assert "error" not in traced, traced.get("error")
-        assert traced["identical"] and traced["settings"].endswith("compiled")
+        assert traced["identical"] and traced["settings"].endswith("compiled") == captured
     assert (tmp_path / "smoke.json").exists()
 
 
