@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 import profile_tree_step  # noqa: E402
 
 from clover2_hf import Clover2ForDrafting, Clover2Stats  # noqa: E402
+from clover2_hf.tools.bench import compile_on_any_device  # noqa: E402
 from clover2_hf.tools.host_syncs import counting  # noqa: E402
 from clover2_hf.tools.oracle import OracleLookup  # noqa: E402
 from clover2_hf.tools.targets import RANDOM_SHAPES, random_target  # noqa: E402
@@ -148,6 +149,15 @@ def check_phases(target, draft, ids, new_tokens: int) -> dict:
             "ms_per_pass": round(1000 * total / passes, 3), "phases": phases}
 
 
+def graph_config(device: torch.device) -> tuple[CompileConfig, str]:
+    """(compile config, row label) of the graph-captured rows: transformers' default on CUDA (inductor,
+    "reduce-overhead": CUDA graphs); elsewhere the same plumbing traced by dynamo without code generation (a
+    CPU check of this script)."""
+    if device.type == "cuda":
+        return CompileConfig(), "compiled (reduce-overhead)"
+    return compile_on_any_device(CompileConfig(backend="eager", mode=None)), "traced (eager backend)"
+
+
 def graph_exactness(device: torch.device) -> dict:
     """The graph-captured static path in float32 (where a tree pass and a 1-token pass agree) on a small
     random target: identical to plain greedy decoding on several prompts and answer lengths? On CUDA this runs
@@ -155,10 +165,7 @@ def graph_exactness(device: torch.device) -> dict:
     would show here; on a CPU it traces with the eager backend."""
     shape = dict(SMOKE_SHAPE["tiny"], hidden_size=256, intermediate_size=512, num_hidden_layers=4, vocab_size=4096)
     target, draft = build_pair(shape, device, torch.float32)
-    config = CompileConfig()
-    if device.type != "cuda":
-        config = CompileConfig(backend="eager", mode=None)
-        config._compile_all_devices = True
+    config, _ = graph_config(device)
     rows, generator = [], torch.Generator().manual_seed(2)
     with torch.no_grad():
         for i, (length, new_tokens) in enumerate([(24, 40), (24, 40), (31, 64), (24, 40)]):
@@ -181,11 +188,7 @@ def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats:
     reference = target.generate(ids, do_sample=False, max_new_tokens=new_tokens)
     answer = reference[0, ids.shape[1]:].tolist()
     cuda = device.type == "cuda"
-    if cuda:  # transformers' default: inductor, "reduce-overhead" (CUDA graphs)
-        graph_config, graph_name = CompileConfig(), "compiled (reduce-overhead)"
-    else:  # the same plumbing traced by dynamo without code generation (a CPU check of this script)
-        graph_config, graph_name = CompileConfig(backend="eager", mode=None), "traced (eager backend)"
-        graph_config._compile_all_devices = True
+    config, graph_name = graph_config(device)
     methods = {"plain eager": {"disable_compile": True}}
     if cuda:
         methods["plain compiled (static cache)"] = {"cache_implementation": "static"}
@@ -197,7 +200,7 @@ def oracle_speeds(target, draft, ids, new_tokens: int, taus: list[int], repeats:
                                                                        disable_compile=True)
         # one lookup width for every tau (the oracle proposes tau - 1 real tokens): one graph per shape
         methods[f"clover2 static shapes {graph_name}, lookup width {max(taus) - 1}, oracle tau {tau}"] = dict(
-            clover2, tree_lookup_tokens=max(taus) - 1, clover2_static_shapes=True, compile_config=graph_config,
+            clover2, tree_lookup_tokens=max(taus) - 1, clover2_static_shapes=True, compile_config=config,
             oracle_tokens=tau - 1)
 
     def run(kwargs: dict) -> tuple[float, bool, Clover2Stats | None]:

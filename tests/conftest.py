@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, CompileConfig, PreTra
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import clover2_hf  # noqa: F401  (registers the Auto classes)
+from clover2_hf.tools.bench import compile_on_any_device
 
 # A developer's own `clover2 tune` results must not change the tree settings the tests use.
 os.environ["CLOVER2_HF_TUNING"] = "0"
@@ -97,9 +98,7 @@ def counting_compile_config(graphs: list) -> CompileConfig:
         graphs.append(graph_module)
         return graph_module.forward
 
-    config = CompileConfig(backend=backend, mode=None)  # a custom backend takes no mode
-    config._compile_all_devices = True  # transformers' own switch for compiling generate() on a CPU
-    return config
+    return compile_on_any_device(CompileConfig(backend=backend, mode=None))  # a custom backend takes no mode
 
 
 def reusing_compile_config(graphs: list) -> CompileConfig:
@@ -127,6 +126,4 @@ def reusing_compile_config(graphs: list) -> CompileConfig:
 
         return run
 
-    config = CompileConfig(backend=backend, mode=None)
-    config._compile_all_devices = True
-    return config
+    return compile_on_any_device(CompileConfig(backend=backend, mode=None))

@@ -79,6 +79,7 @@ __all__ = [
     "RunRecord",
     "STATIC_METHODS",
     "default_questions_path",
+    "compile_on_any_device",
     "encode_chat",
     "load_questions",
     "run_benchmark",
@@ -104,6 +105,18 @@ BENCH_OPTIONS = ("tree_budget", "tree_top_k", "tree_lookup_tokens")
 DEFAULT_METHODS = ("clover2-tree", "clover2-tree-nolookup", "clover2-chain", "prompt-lookup")
 OVERALL = "overall"
 _WARMUP_TOKENS = 8
+
+
+def compile_on_any_device(config=None):
+    """`config` (default `CompileConfig()`) with transformers' switch for compiling `generate()` on any device.
+
+    Relies on the private `CompileConfig._compile_all_devices`, read by `_valid_auto_compile_criteria`; caught by
+    tests/test_static_step.py's compiled-decoding tests (they compile on a CPU through it)."""
+    from transformers import CompileConfig
+
+    config = config if config is not None else CompileConfig()
+    config._compile_all_devices = True
+    return config
 
 
 # --------------------------------------------------------------------------- questions

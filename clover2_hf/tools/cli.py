@@ -558,6 +558,7 @@ def _bench(args) -> None:
         METHODS,
         STATIC_METHODS,
         QuestionFileError,
+        compile_on_any_device,
         load_questions,
         run_benchmark,
     )
@@ -595,12 +596,7 @@ def _bench(args) -> None:
 
         assistant = AutoModelForCausalLM.from_pretrained(args.assistant, dtype=target.dtype).to(target.device).eval()
     options = {name: getattr(args, name) for name in BENCH_OPTIONS if getattr(args, name) is not None}
-    compile_config = None
-    if args.compile:
-        from transformers import CompileConfig
-
-        compile_config = CompileConfig()
-        compile_config._compile_all_devices = True  # transformers' switch for compiling generate() off CUDA
+    compile_config = compile_on_any_device() if args.compile else None
     source = "MT-Bench questions" if args.questions is None else f"questions of {args.questions}"
     print(f"running {len(questions)} of {total} {source}" + (
         " (1 per category); --all for every question, --per-category N for more" if subset else ""), file=sys.stderr)

@@ -145,7 +145,6 @@ class StaticDrafting:
         self.start = torch.zeros(1, dtype=torch.long, device=device)
         self.hidden = self.next_ids = self.last = None
         self.step_fn = static_draft_step  # the steps after the first (`compiled_calls` may swap in a compiled one)
-        self.compiled = False
 
     def use_compiled(self, step_fn) -> None:
         """Run every drafting step after the first with `step_fn` (`static_draft_step` under `torch.compile`)."""
@@ -153,7 +152,7 @@ class StaticDrafting:
         # StaticCache's own buffers are marked by transformers); only a GPU run shows it (gpu_step_check's rows)
         for buffer in (self.kv.keys, self.kv.values):
             torch._dynamo.mark_static_address(buffer)
-        self.step_fn, self.compiled = step_fn, True
+        self.step_fn = step_fn
 
     @property
     def num_nodes(self) -> int:
@@ -172,9 +171,9 @@ class StaticDrafting:
         chain, length = upload(chain, self.start.device), upload(length, self.start.device)
         # the first step reads the prompt (its own width): eager, like the prefill
         step_fn = self.step_fn if self.hidden.shape[1] == self.width else static_draft_step
-        if self.compiled:  # a new step: the last step's graph outputs (read by now) may be overwritten
-            # (after this call cudagraph trees start a new generation only at such marks, for the whole process;
-            # plain decoding drops its outputs every step, so it is unaffected)
+        if self.step_fn is not static_draft_step:  # compiled: a new step, whose graph replays may overwrite the
+            # last step's outputs (read by now). After this call cudagraph trees start a new generation only at such
+            # marks, for the whole process; plain decoding drops its outputs every step, so it is unaffected.
             torch.compiler.cudagraph_mark_step_begin()
         return step_fn(self.draft, self.kv, self.hidden, self.next_ids, self.start, self.last, root_token,
                        chain, length, self.top_k, self.budget)
