@@ -119,26 +119,37 @@ def test_sizer_verifies_everything_when_passes_cost_alike():
     assert kept == [0, 1, 2, 3] and expected == pytest.approx(1 + 0.9 + 0.5 + 0.8 + 0.3)
 
 
-def test_sizer_takes_plain_steps_and_backs_off_where_trees_do_not_pay():
+def test_sizer_takes_plain_steps_and_backs_off_where_drafting_does_not_pay():
     tree = _tree([math.log(0.3), math.log(0.2)], [0, 1])
     sizer = TreeSizer(DeviceCosts(STEEP))
     skips = []
-    for _ in range(5):
+    for _ in range(12):  # each drafting step costs a fifth of a plain step and finds nothing worth verifying
+        assert sizer.should_draft()
         kept, expected = sizer.choose(tree, tree.num_nodes, drafted=True)
         assert kept == [] and expected == 1.0  # the root alone: a plain step
+        sizer.finish_step(drafted=True, tokens=1, draft_seconds=0.002, q=1)
         skips.append(sizer.skip)
         while not sizer.should_draft():
             pass
-    assert skips == [1, 2, 4, 8, 16]  # drafting is skipped for longer and longer
-    confident = _tree([8 * i * math.log(0.999) for i in range(1, 9)], list(range(8)))  # a sure 8-token chain
-    kept, _ = sizer.choose(confident, 8, drafted=True)
-    assert kept == list(range(8)) and sizer.skip == 0
-    sizer.finish_step(drafted=True, tokens=9, seconds=0.05)  # 9 tokens in 5 plain steps' time: it paid
+    # the prior carries the first misses; then drafting is skipped for longer and longer
+    assert skips[:3] == [0, 0, 0] and skips[3:] == [1, 2, 4, 8, 16, 16, 16, 16, 16]
+    sizer.finish_step(drafted=True, tokens=9, draft_seconds=0.002, q=9)  # 8 extra tokens: it paid
+    assert sizer.backoff == 0 and sizer.skip == 0
+
+
+def test_sizer_judges_drafting_by_what_it_brought_not_by_catch_up_or_jitter():
+    sizer = TreeSizer(DeviceCosts(STEEP))
+    for _ in range(30):  # one drafted step in two gains a token for a 5-token pass (3.6 plain steps' time)
+        sizer.finish_step(drafted=True, tokens=2, draft_seconds=0.001, q=5)
+        sizer.finish_step(drafted=True, tokens=1, draft_seconds=0.001, q=5)
+    assert sizer.backoff > 0  # 0.5 tokens for 2.7 plain steps' extra time: it does not pay
+    sizer = TreeSizer(DeviceCosts(FLAT))
+    for _ in range(30):  # the same on a device where passes cost alike: it pays
+        sizer.finish_step(drafted=True, tokens=2, draft_seconds=0.001, q=5)
+        sizer.finish_step(drafted=True, tokens=1, draft_seconds=0.001, q=5)
+        assert sizer.backoff == 0
+    sizer.finish_step(drafted=False, tokens=1, draft_seconds=5.0, q=1)  # a step that did not draft is not judged
     assert sizer.backoff == 0
-    sizer.choose(confident, 8, drafted=True)
-    for _ in range(3):  # ... but then three drafted steps emit 1 token each in 5 plain steps' time
-        sizer.finish_step(drafted=True, tokens=1, seconds=0.05)
-    assert sizer.backoff > 0 and sizer.skip > 0
 
 
 def test_sizer_prefix_is_closed_under_ancestors_and_learns_its_correction():

@@ -550,8 +550,9 @@ class AcceptanceModel:
     accepted: list[float] = field(default_factory=list)  # per depth: accepted drafted nodes
     lookup_reached: float = 0.0
     lookup_accepted: float = 0.0
-    # tokens a drafted step emitted beyond what plain decoding emits in the same time (decayed sums)
-    drafting_gain: float = 0.0
+    # what drafting brought, in plain steps per drafted step (`TreeSizer.finish_step`): a decayed sum that starts
+    # from a prior, so that a new pair drafts through its first few misses, and the decayed count of steps
+    drafting_gain: float = 1.0
     drafting_weight: float = 0.0
     # observed and predicted seconds of 1-token passes and of tree passes
     observed_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -610,9 +611,10 @@ class TreeSizer:
     is a plain step. The pass costs are the device table's, each class (1-token passes, tree passes)
     scaled by the ratio of the observed times to the table's predictions, so a table measured on a busy
     machine, or a context much longer than the calibration's, is corrected as decoding goes. Drafting is
-    skipped for the next 1, 2, 4, ... `max_backoff` steps when a drafted tree is not worth verifying, or
-    while drafted steps have emitted fewer tokens than plain decoding would have in the same time (a
-    decayed running mean, so what the drafter really brings decides, not its own confidence); the
+    skipped for the next 1, 2, 4, ... `max_backoff` steps while what drafting brought is negative: per
+    drafted step, whatever it then verified, the tokens emitted beyond a plain step's one, minus the drafting
+    time and the pass's extra cost over a 1-token pass, in plain-step times (a decayed sum from a small prior,
+    so what the drafter really brings decides, not its own confidence, and one miss does not stop it); the
     drafter reads the skipped positions in one batch when drafting resumes. Trees are grown one depth
     deeper than the deepest drafted node the last choice kept (`depth_cap`), so a drafter that is
     only trusted near the root spends no head steps on depths nobody verifies.
@@ -622,6 +624,7 @@ class TreeSizer:
     model: AcceptanceModel = field(default_factory=AcceptanceModel)
     margin: float = 1.0  # a tree is verified only when predicted to beat plain decoding's rate by this factor
     max_backoff: int = 16  # the longest run of steps without drafting
+    gain_decay: float = 0.9  # weight the running drafting gain keeps at each drafted step
     backoff: int = 0
     skip: int = 0
     history: list[int] = field(default_factory=list)  # nodes verified per step (tests, stats)
@@ -753,27 +756,31 @@ class TreeSizer:
 
     def record_choice(self, num_nodes: int, drafted: bool, depth_cap: int) -> None:
         """After a choice of `num_nodes` nodes: the next depth cap (one more than the deepest drafted node
-        kept) and the back-off when drafting found nothing worth verifying. (Shared by `choose` and the
-        device-side choice of `device_step`.)"""
+        kept). (Shared by `choose` and the device-side choice of `device_step`.)"""
         if drafted:  # grow one depth beyond what is used: deeper drafting costs head steps and is not verified
             self.depth_cap = depth_cap
-        if drafted and num_nodes == 0:  # drafting found nothing worth verifying
-            self._back_off()
         self.history.append(num_nodes)
 
     def _back_off(self) -> None:
         self.backoff = min(max(2 * self.backoff, 1), self.max_backoff)
         self.skip = self.backoff
 
-    def finish_step(self, drafted: bool, tokens: int, seconds: float) -> None:
-        """Judge drafting by what it really brought: after a drafted step that verified a tree, `tokens`
-        emitted in `seconds` (drafting + verification) against the tokens plain decoding emits in that
-        time. While the running mean of that gain is negative, drafting backs off."""
-        if not drafted or not self.history or self.history[-1] == 0:
+    def finish_step(self, drafted: bool, tokens: int, draft_seconds: float, q: int) -> None:
+        """Judge drafting by what it really brought, after a step that drafted (whatever it then verified).
+
+        `tokens`: what the step emitted; `draft_seconds`: its drafting time after the augmenting block's update
+        (that update reads every verified position, drafted or not, so skipping does not save it: a catch-up after
+        skipped steps is not charged to drafting); `q`: the tokens its pass verified. The gain, in plain steps,
+        is the tokens beyond a plain step's one minus the drafting time and the pass's predicted extra cost over a
+        1-token pass (predicted, not measured: one pass's jitter would swamp a one-token gain). While the
+        decayed sum of gains is negative, drafting backs off; once it is not, the back-off is reset."""
+        if not drafted:
             return
-        gain = tokens - seconds / self.verify_time(1)
-        self.model.drafting_gain = 0.8 * self.model.drafting_gain + gain
-        self.model.drafting_weight = 0.8 * self.model.drafting_weight + 1.0
+        plain = self.verify_time(1)
+        extra = self.verify_time(q) - plain if q > 1 else 0.0
+        gain = tokens - 1 - (draft_seconds + extra) / plain
+        self.model.drafting_gain = self.gain_decay * self.model.drafting_gain + gain
+        self.model.drafting_weight = self.gain_decay * self.model.drafting_weight + 1.0
         if self.model.drafting_gain < 0:
             self._back_off()
         else:

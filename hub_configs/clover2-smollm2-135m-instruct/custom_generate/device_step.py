@@ -428,12 +428,14 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
             step, cand = static.draft_step(token.to(draft_device), lookup)
         else:
             root_state = None
+            t_augmented = t_step
             if drafting:
                 next_ids = sequence[-pending_hidden.shape[1] :]  # the token after each pending position
                 augmented = draft.augment(pending_hidden.to(draft_device), next_ids[None].to(draft_device),
                                           cache=draft_cache)  # [1, n, H]
                 pending_hidden = None
                 root_state = augmented[0, -1]
+                t_augmented = time.perf_counter()
             step, cand = _choose_tree(draft, token.to(draft_device), root_state, lookup, settings, sizer, acceptance,
                                       verify_table, drafting, device)
         if static is not None and draft_device != device:
@@ -490,7 +492,7 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
             sizer.model.lookup_reached += lookup_reached
             sizer.model.lookup_accepted += lookup_accepted
             sizer.observe_verify(step.q, t_read - t_chosen)
-            sizer.finish_step(drafting, emitted + 1, t_read - t_step)
+            sizer.finish_step(drafting, emitted + 1, t_chosen - t_augmented, step.q)
         path_device = packet[5 + step.q : 5 + step.q + accepted + 1]
         if static_verify is not None:
             static_verify.compact(past_length, walk.path_index, walk.accepted)

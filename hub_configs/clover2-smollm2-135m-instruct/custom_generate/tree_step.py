@@ -323,12 +323,13 @@ def _host_walk(model, draft: Clover2ForDrafting, input_ids: torch.Tensor, cache,
         sync_device(device)
         t0 = time.perf_counter()
         drafting = sizer is None or sizer.should_draft()  # skipped: the drafter reads those positions later
-        tree = None
+        tree, t_augmented = None, t0
         if drafting:
             n_pending = pending_hidden.shape[1]
             next_ids = input_ids[:, -n_pending:].to(draft_device)
             augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
             pending_hidden = None
+            t_augmented = time.perf_counter()
             first = depth0_logprobs(draft, augmented[0, -1])  # [V_draft]
             # (with a sizer, no tree is grown when not even the drafter's most confident chain could pay)
             if sizer is None or sizer.worth_growing(first, settings.top_k):
@@ -404,7 +405,7 @@ def _host_walk(model, draft: Clover2ForDrafting, input_ids: torch.Tensor, cache,
         stats.tokens_per_step.append(emitted + (0 if finished else 1))
         if sizer is not None:
             sizer.update(tree, num_drafted, [v - 1 for v in path[1:]])
-            sizer.finish_step(drafting, emitted + 1, t2 - t0)
+            sizer.finish_step(drafting, emitted + 1, t1 - t_augmented, q)
 
         # ---- keep the accepted path in the target cache; queue its states for the drafter
         compact_cache(cache, q, path)
