@@ -105,7 +105,7 @@ def test_cli_demo_on_embedded_target(capsys):
     assert "prompt: Name three colours." in out
     plain = re.search(r"plain generate : (\d+) tokens in [\d.]+ s = ([\d.]+) tokens/s", out)
     clover = re.search(r"Clover-2 \(tree\): (\d+) tokens in [\d.]+ s = ([\d.]+) tokens/s, tau ([\d.]+) tokens/pass", out)
-    speedup = re.search(r"speedup        : ([\d.]+)x \((?:fastest of 2 runs each; )?outputs identical: yes\)", out)
+    speedup = re.search(r"speedup        : ([\d.]+)x \((?:fastest of \d+ runs each; )?outputs identical: yes\)", out)
     assert plain and clover and speedup, out
     assert plain.group(1) == clover.group(1) == "12"
     assert float(clover.group(3)) >= 1.0 and float(speedup.group(1)) > 0

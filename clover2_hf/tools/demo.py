@@ -188,7 +188,7 @@ def _timed_generate(target, ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, 
 
 def run_demo(target, tokenizer, draft, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 128,
              stream: TextIO | None = None, style: str = "auto", warmup: bool = True,
-             timing_rounds: int = 2) -> DemoResult:
+             timing_rounds: int = 3) -> DemoResult:
     """Stream a Clover-2 tree-decoding answer to `prompt` into `stream`, then time plain generate.
 
     All runs are greedy with `max_new_tokens`; all write through a `DraftHighlightStreamer` (the timed
