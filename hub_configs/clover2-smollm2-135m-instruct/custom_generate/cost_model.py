@@ -769,8 +769,9 @@ class TreeSizer:
         """Judge drafting by what it really brought, after a step that drafted (whatever it then verified).
 
         `tokens`: what the step emitted; `draft_seconds`: its drafting time after the augmenting block's update
-        (that update reads every verified position, drafted or not, so skipping does not save it: a catch-up after
-        skipped steps is not charged to drafting); `q`: the tokens its pass verified. The gain, in plain steps,
+        (the drafter must read every verified position before it drafts again, so skipping only defers that
+        update: the catch-up after skipped steps is not charged to the step that resumes); `q`: the tokens its
+        pass verified. The gain, in plain steps,
         is the tokens beyond a plain step's one minus the drafting time and the pass's predicted extra cost over a
         1-token pass (predicted, not measured: one pass's jitter would swamp a one-token gain). While the
         decayed sum of gains is negative, drafting backs off; once it is not, the back-off is reset."""

@@ -435,7 +435,7 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
                                           cache=draft_cache)  # [1, n, H]
                 pending_hidden = None
                 root_state = augmented[0, -1]
-                t_augmented = time.perf_counter()
+                t_augmented = time.perf_counter()  # (on a GPU the update's kernels may still be queued here)
             step, cand = _choose_tree(draft, token.to(draft_device), root_state, lookup, settings, sizer, acceptance,
                                       verify_table, drafting, device)
         if static is not None and draft_device != device:
