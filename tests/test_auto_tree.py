@@ -8,6 +8,7 @@ drafter's config are never overwritten.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -301,6 +302,35 @@ def test_greedy_identical_with_automatic_sizing(monkeypatch, arch, table):
         assert total.plain_steps > 0.5 * steps  # a 2-token pass costs 3 plain steps: mostly plain
     else:
         assert len(set(total.tree_sizes)) >= 3  # sized step by step
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["device walk", "host walk"])
+def test_drafting_is_judged_without_the_augmenting_blocks_update(monkeypatch, sampling):
+    """The augmenting block's update (a catch-up after skipped steps included) must run before any later draft, so
+    it is not charged to drafting: here it takes twice a plain step, and drafting is judged without it."""
+    _with_costs(monkeypatch, SLOW_FLAT)  # a plain step: 0.1 s
+    target, draft, prompts = trained_pair("llama")
+    augment = draft.augment
+
+    def slow_augment(*args, **kwargs):
+        time.sleep(0.2)
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(draft, "augment", slow_augment)
+    judged = []
+    finish_step = TreeSizer.finish_step
+
+    def spy(self, drafted, tokens, draft_seconds, q):
+        if drafted:
+            judged.append(draft_seconds)
+        return finish_step(self, drafted, tokens, draft_seconds, q)
+
+    monkeypatch.setattr(TreeSizer, "finish_step", spy)
+    torch.manual_seed(0)
+    stats = Clover2Stats()
+    target.generate(prompts[:1], do_sample=sampling, max_new_tokens=10, assistant_model=draft, clover2_stats=stats)
+    assert judged and max(judged) < 0.2, judged
+    assert stats.draft_time_s >= 0.2 * len(judged)  # the update did run, and was timed as drafting in the stats
 
 
 def test_seeded_sampling_identical_with_automatic_sizing(monkeypatch):

@@ -329,6 +329,7 @@ def _host_walk(model, draft: Clover2ForDrafting, input_ids: torch.Tensor, cache,
             next_ids = input_ids[:, -n_pending:].to(draft_device)
             augmented = draft.augment(pending_hidden.to(draft_device), next_ids, cache=draft_cache)  # [1, n, H]
             pending_hidden = None
+            sync_device(draft_device)  # (the read of depth 0 below would wait for the update anyway)
             t_augmented = time.perf_counter()
             first = depth0_logprobs(draft, augmented[0, -1])  # [V_draft]
             # (with a sizer, no tree is grown when not even the drafter's most confident chain could pay)

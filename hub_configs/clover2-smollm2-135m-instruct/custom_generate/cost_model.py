@@ -771,14 +771,14 @@ class TreeSizer:
         `tokens`: what the step emitted; `draft_seconds`: its drafting time after the augmenting block's update
         (the drafter must read every verified position before it drafts again, so skipping only defers that
         update: the catch-up after skipped steps is not charged to the step that resumes); `q`: the tokens its
-        pass verified. The gain, in plain steps,
+        pass verified, the root included. The gain, in plain steps,
         is the tokens beyond a plain step's one minus the drafting time and the pass's predicted extra cost over a
         1-token pass (predicted, not measured: one pass's jitter would swamp a one-token gain). While the
         decayed sum of gains is negative, drafting backs off; once it is not, the back-off is reset."""
         if not drafted:
             return
         plain = self.verify_time(1)
-        extra = self.verify_time(q) - plain if q > 1 else 0.0
+        extra = max(self.verify_time(q) - plain, 0.0) if q > 1 else 0.0
         gain = tokens - 1 - (draft_seconds + extra) / plain
         self.model.drafting_gain = self.gain_decay * self.model.drafting_gain + gain
         self.model.drafting_weight = self.gain_decay * self.model.drafting_weight + 1.0

@@ -424,11 +424,11 @@ def run_device_greedy(model, draft: Clover2ForDrafting, input_ids: torch.Tensor,
             sequence = torch.cat([sequence, token])
             pending_hidden = hidden if pending_hidden is None else torch.cat([pending_hidden, hidden], dim=1)
             continue
+        t_augmented = t_step  # when the drafter's augmenting-block update ended (finish_step does not charge it)
         if static is not None:
             step, cand = static.draft_step(token.to(draft_device), lookup)
         else:
             root_state = None
-            t_augmented = t_step
             if drafting:
                 next_ids = sequence[-pending_hidden.shape[1] :]  # the token after each pending position
                 augmented = draft.augment(pending_hidden.to(draft_device), next_ids[None].to(draft_device),
