@@ -551,9 +551,8 @@ class AcceptanceModel:
     lookup_reached: float = 0.0
     lookup_accepted: float = 0.0
     # what drafting brought, in plain steps per drafted step (`TreeSizer.finish_step`): a decayed sum that starts
-    # from a prior, so that a new pair drafts through its first few misses, and the decayed count of steps
+    # from a prior, so that a new pair drafts through its first few misses
     drafting_gain: float = 1.0
-    drafting_weight: float = 0.0
     # observed and predicted seconds of 1-token passes and of tree passes
     observed_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
     predicted_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -569,7 +568,6 @@ class AcceptanceModel:
         self.lookup_reached *= factor
         self.lookup_accepted *= factor
         self.drafting_gain *= factor
-        self.drafting_weight *= factor
 
     def pull_device_counts(self) -> None:
         """Make `predicted` / `accepted` current again after device-side calls (one host read)."""
@@ -771,17 +769,16 @@ class TreeSizer:
         `tokens`: what the step emitted; `draft_seconds`: its drafting time after the augmenting block's update
         (the drafter must read every verified position before it drafts again, so skipping only defers that
         update: the catch-up after skipped steps is not charged to the step that resumes); `q`: the tokens its
-        pass verified, the root included. The gain, in plain steps,
-        is the tokens beyond a plain step's one minus the drafting time and the pass's predicted extra cost over a
-        1-token pass (predicted, not measured: one pass's jitter would swamp a one-token gain). While the
-        decayed sum of gains is negative, drafting backs off; once it is not, the back-off is reset."""
+        pass verified, the root included. The gain, in plain steps, is the tokens beyond a plain step's one minus
+        the drafting time and the pass's predicted extra cost over a 1-token pass (predicted, not measured: one
+        pass's jitter would swamp a one-token gain). While the decayed sum of gains is negative, drafting backs
+        off; once it is not, the back-off is reset."""
         if not drafted:
             return
         plain = self.verify_time(1)
         extra = max(self.verify_time(q) - plain, 0.0) if q > 1 else 0.0
         gain = tokens - 1 - (draft_seconds + extra) / plain
         self.model.drafting_gain = self.gain_decay * self.model.drafting_gain + gain
-        self.model.drafting_weight = self.gain_decay * self.model.drafting_weight + 1.0
         if self.model.drafting_gain < 0:
             self._back_off()
         else:
